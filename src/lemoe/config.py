@@ -1,0 +1,114 @@
+"""LEMoEConfig: every hyper-parameter of the adaptor and of one edit, validated, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+logger = logging.getLogger("lemoe")
+
+ExpertKind = Literal["ffn", "lora"]
+Pooling = Literal["mean", "last"]
+
+_EXPERT_KINDS = ("ffn", "lora")
+_POOLINGS = ("mean", "last")
+
+
+@dataclass
+class LEMoEConfig:
+    """Hyper-parameters of one LEMoE adaptor.
+
+    Fields fall in three groups: where and what the adaptor is (layer, expert, lora_rank),
+    how inputs are routed (pooling, value/key sizes, deferral), and how one batch is trained.
+    """
+
+    # -- placement and experts --
+    layer: int | None = field(
+        default=None,
+        metadata={"help": "decoder layer whose FFN gets the adaptor; None = round(2/3 of the depth)"},
+    )
+    expert: ExpertKind = field(
+        default="lora",
+        metadata={"help": "'lora': low-rank bottleneck expert (small); 'ffn': full copy-shaped FFN (paper)"},
+    )
+    lora_rank: int = field(default=16, metadata={"help": "bottleneck width of a 'lora' expert"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "scale of a 'lora' expert is alpha / rank"})
+    top_k: int = field(default=1, metadata={"help": "experts mixed per sequence (gates renormalised over them)"})
+
+    # -- KV anchor routing --
+    pooling: Pooling = field(
+        default="mean", metadata={"help": "how a prompt becomes one vector: mean of its tokens, or its last token"}
+    )
+    deferral: bool = field(
+        default=True,
+        metadata={"help": "per-expert acceptance regions: inputs outside all of them get the base model's output"},
+    )
+    route_margin: float = field(
+        default=0.05,
+        metadata={"help": "an expert's region starts this far (cosine) above the closest generic unrelated prompt"},
+    )
+
+    # -- training one batch --
+    lr: float = field(default=3e-2, metadata={"help": "AdamW learning rate of the new expert"})
+    max_steps: int = field(default=40, metadata={"help": "upper bound on optimisation steps per batch"})
+    min_steps: int = field(default=2, metadata={"help": "steps taken even if every target token is already the argmax"})
+    early_stop: bool = field(default=True, metadata={"help": "stop once every target token is the argmax"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"layer must be a non-negative int or None, got {self.layer!r}")
+        if self.expert not in _EXPERT_KINDS:
+            raise ValueError(f"expert must be one of {_EXPERT_KINDS}, got {self.expert!r}")
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
+        for name in ("lora_rank", "top_k", "max_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0 or self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps must be an int in [0, max_steps={self.max_steps}], got {self.min_steps!r}")
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.route_margin, (int, float)) or not 0 <= self.route_margin < 1:
+            raise ValueError(f"route_margin must be in [0, 1), got {self.route_margin!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LEMoEConfig":
+        """Build from a dict; unknown keys (from a newer lemoe) are dropped with a warning."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a LEMoE config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown LEMoEConfig keys: %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "LEMoEConfig":
+        return cls.from_dict(json.loads(text))
+
+    def resolve_layer(self, num_layers: int) -> int:
+        """The decoder layer index to wrap, checked against the model's depth."""
+        layer = round(2 * num_layers / 3) if self.layer is None else self.layer
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})")
+        return layer
+
+    @staticmethod
+    def help_texts() -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LEMoEConfig)}

@@ -1,0 +1,358 @@
+"""LifelongEditor: attach a LEMoE adaptor to a model, edit batch by batch, save / resume / roll back / unload."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import LEMoEConfig
+from .data import DataError, EditRecord
+from .encoding import TeacherForcedBatch, encode_pairs, max_context, pad_id
+from .layer import LEMoELayer, install_call_observer
+from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
+from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
+from .router import AnchorFit
+from .training import capture_layer_inputs, train_expert
+
+logger = logging.getLogger("lemoe")
+
+
+@dataclass
+class EditReport:
+    """What one `edit` call did. `train_accuracy` is teacher-forced with the new expert forced on;
+    `routed_to_own` says whether each prompt routes to the new expert on its own."""
+
+    batch: int
+    expert: int
+    num_edits: int
+    steps: int
+    seconds: float
+    final_loss: float
+    train_accuracy: list[float]
+    routed_to_own: list[bool]
+    anchor: AnchorFit
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def builtin_negatives() -> list[str]:
+    """Generic prompts unrelated to any edit, written for lemoe: where no expert may fire."""
+    text = resources.files("lemoe").joinpath("resources/negatives.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class LifelongEditor:
+    """Edits a causal LM in place through one LEMoE adaptor; one expert per `edit` batch.
+
+    The model stays an ordinary HuggingFace model (`generate` works); `unload()` gives back the
+    original FFN module, so the model is bit for bit what it was.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: LEMoEConfig | None = None,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or LEMoEConfig()
+        self.layout = find_layout(model)
+        self.layers = decoder_layers(model, self.layout)
+        self.layer_idx = self.config.resolve_layer(len(self.layers))
+        parent = self.layers[self.layer_idx]
+        base_ffn = getattr(parent, self.layout.mlp_attr)
+        if isinstance(base_ffn, LEMoELayer):
+            raise ValueError(
+                f"decoder layer {self.layer_idx} already carries a LEMoE adaptor; unload() the other editor first"
+            )
+        hidden = int(model.get_input_embeddings().weight.shape[1])
+        self.identity = base_model_identity(model)
+        self.fingerprint = weight_fingerprint(base_ffn)
+        self.adaptor = LEMoELayer(base_ffn, self.layout, hidden, self.config)
+        setattr(parent, self.layout.mlp_attr, self.adaptor)
+        self._hook = install_call_observer(model, self.adaptor)
+        self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._negatives: torch.Tensor | None = None
+        self._attached = True
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_experts(self) -> int:
+        return self.adaptor.num_experts
+
+    @property
+    def num_batches(self) -> int:
+        return self.num_experts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adaptor.base_layer.parameters()).device
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ editing
+
+    def edit(self, records: Sequence[EditRecord]) -> EditReport:
+        """Train one new expert on this batch of edits; every earlier expert and key stays untouched."""
+        self._check_attached()
+        records = list(records)
+        if not records:
+            raise DataError("edit() needs at least one EditRecord")
+        for i, record in enumerate(records):
+            if not isinstance(record, EditRecord):
+                raise DataError(f"edit(): item {i} is a {type(record).__name__}, not an EditRecord")
+        started = time.perf_counter()
+        labels = [f"edit {len(self.edits) + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
+        batch = encode_pairs(self.tokenizer, [r.prompt for r in records], [r.target for r in records],
+                             max_context(self.model), labels).to(self.input_device)
+        # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing vectors
+        layer_input, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor, batch)
+        pooled = self.adaptor.router.pool(ffn_input, batch.prompt_mask)  # (B, d)
+        negatives = self._negative_vectors()
+        router = self.adaptor.router
+        first = self.num_experts == 0
+        if first and not bool(router.stats_fitted):
+            router.fit_statistics(torch.cat([pooled, negatives], dim=0))
+        # 2. a new zero expert, then its key (frozen anchors) and acceptance region
+        expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
+        anchor = router.add_expert_key(pooled, negatives)
+        # 3. the expert itself, on layers L..N only
+        result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
+                              layer_input, self.config)
+        routed = self.adaptor.route(pooled).top1()
+        batch_index = expert_id
+        for record in records:
+            self.edits.append({**record.to_dict(), "batch": batch_index, "expert": expert_id})
+        self.adaptor.routing.cached_route = None
+        report = EditReport(
+            batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
+            seconds=time.perf_counter() - started, final_loss=result.final_loss,
+            train_accuracy=result.token_accuracy, routed_to_own=[r == expert_id for r in routed], anchor=anchor,
+        )
+        logger.info("batch %d: %d edits, %d steps, %.2fs, loss %.4f", batch_index, len(records), result.steps,
+                    report.seconds, result.final_loss)
+        if self.output_dir is not None:
+            self.save(self.output_dir)
+        return report
+
+    def edit_stream(
+        self,
+        records: Sequence[EditRecord],
+        batch_size: int,
+        on_batch: Callable[[EditReport], None] | None = None,
+    ) -> list[EditReport]:
+        """Edit `records` in consecutive batches; batches this editor already holds are skipped (resume)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        done = self._verify_prefix(records, batch_size)
+        if done:
+            logger.info("resuming: %d of %d edits already applied", done, len(records))
+        reports = []
+        for start in range(done, len(records), batch_size):
+            report = self.edit(records[start : start + batch_size])
+            reports.append(report)
+            if on_batch is not None:
+                on_batch(report)
+        return reports
+
+    def _verify_prefix(self, records: Sequence[EditRecord], batch_size: int) -> int:
+        """How many leading records are already applied; an error if the stored edits differ."""
+        for i, stored in enumerate(self.edits):
+            if i >= len(records):
+                raise ValueError(f"this adapter holds {len(self.edits)} edits, more than the {len(records)} given")
+            record = records[i]
+            if stored["prompt"] != record.prompt or stored["target"] != record.target:
+                raise ValueError(
+                    f"cannot resume: stored edit {i} ({stored['prompt'][:60]!r} -> {stored['target']!r}) differs "
+                    f"from record {i} of the data ({record.prompt[:60]!r} -> {record.target!r})"
+                )
+            if stored["batch"] != i // batch_size:
+                raise ValueError(
+                    f"cannot resume: the adapter was edited with another batch size (edit {i} is in batch "
+                    f"{stored['batch']}, batch size {batch_size} puts it in batch {i // batch_size})"
+                )
+        return len(self.edits)
+
+    def _negative_vectors(self) -> torch.Tensor:
+        if self._negatives is None:
+            self._negatives = self.pooled_prompts(builtin_negatives())
+        return self._negatives
+
+    # ------------------------------------------------------------------ routing
+
+    @torch.no_grad()
+    def pooled_prompts(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """(n, d) routing vectors of prompts, from a frozen pass that stops at layer L's FFN."""
+        vectors = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self._prompt_batch(prompts[start : start + batch_size])
+            _, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor, batch)
+            vectors.append(self.adaptor.router.pool(ffn_input, batch.attention_mask))
+        return torch.cat(vectors, dim=0)
+
+    def _prompt_batch(self, prompts: Sequence[str]) -> TeacherForcedBatch:
+        encoded = [list(self.tokenizer(p)["input_ids"]) for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(prompts), width), pad_id(self.tokenizer), dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, seq in enumerate(encoded):
+            if not seq:
+                raise DataError(f"prompt {row} ({prompts[row]!r}) tokenises to nothing")
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        empty = torch.zeros(0, dtype=torch.long)
+        return TeacherForcedBatch(ids, mask, mask, empty, empty, empty).to(self.input_device)
+
+    def route(self, prompts: Sequence[str]) -> list[int | None]:
+        """The expert each prompt is routed to, or None where every expert defers."""
+        self._check_attached()
+        if not prompts:
+            return []
+        return self.adaptor.route(self.pooled_prompts(prompts)).top1()
+
+    def routing_consistency(self) -> float:
+        """Share of stored edits whose prompt (its frozen anchor) routes to the expert trained on it."""
+        router = self.adaptor.router
+        if router.anchors.shape[0] == 0:
+            return float("nan")
+        routed = router.route_values(router.anchors, self.config.top_k, self.config.deferral).experts[:, 0]
+        return float((routed == router.anchor_experts).float().mean())
+
+    # ------------------------------------------------------------------ state
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the model behaves exactly as the base model."""
+        previous = self.adaptor.disabled
+        self.adaptor.disabled = True
+        try:
+            yield
+        finally:
+            self.adaptor.disabled = previous
+
+    def rollback(self, batches: int = 1) -> int:
+        """Drop the newest `batches` experts and their edits; returns the number of edits removed."""
+        self._check_attached()
+        if not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"batches must be a non-negative int, got {batches!r}")
+        if batches > self.num_experts:
+            raise ValueError(f"cannot roll back {batches} batches: the adapter holds {self.num_experts}")
+        keep = self.num_experts - batches
+        before = len(self.edits)
+        self.adaptor.truncate(keep)
+        self.edits = [e for e in self.edits if e["expert"] < keep]
+        if self.output_dir is not None:
+            self.save(self.output_dir)
+        return before - len(self.edits)
+
+    def unload(self) -> nn.Module:
+        """Put the original FFN back and remove every trace of the adaptor; returns the model."""
+        if self._attached:
+            setattr(self.layers[self.layer_idx], self.layout.mlp_attr, self.adaptor.base_layer)
+            self._hook.remove()
+            self._attached = False
+        return self.model
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this editor was unloaded; create a new LifelongEditor to edit again")
+
+    # ------------------------------------------------------------------ persistence
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.adaptor.state_dict().items() if not k.startswith("base_layer.")}
+
+    def save(self, directory: str | Path) -> None:
+        """Write the adapter directory (atomic: a kill mid-save leaves the previous save intact)."""
+        state = AdapterState(
+            config=self.config.to_dict(), base_model=self.identity, fingerprint=self.fingerprint,
+            layer=self.layer_idx, num_experts=self.num_experts, edits=self.edits, lemoe_version=__version__,
+        )
+        save_adapter(directory, state, self.adapter_tensors())
+
+    @classmethod
+    def load(
+        cls, model: nn.Module, tokenizer: Any, directory: str | Path, output_dir: str | Path | None = None
+    ) -> "LifelongEditor":
+        """Attach a saved adapter to `model`; refused if it was made for another model."""
+        state, tensors = load_adapter(directory)
+        identity = base_model_identity(model)
+        for key in ("architecture", "num_layers", "hidden_size", "vocab_size"):
+            if state.base_model.get(key) != identity[key]:
+                raise AdapterError(
+                    f"{directory}: adapter was made for {state.base_model.get('name_or_path')!r} "
+                    f"({key}={state.base_model.get(key)!r}), this model has {key}={identity[key]!r}"
+                )
+        config = LEMoEConfig.from_dict(state.config)
+        layout = find_layout(model)
+        base_ffn = getattr(decoder_layers(model, layout)[state.layer], layout.mlp_attr)
+        if not fingerprints_match(weight_fingerprint(getattr(base_ffn, "base_layer", base_ffn)), state.fingerprint):
+            raise AdapterError(
+                f"{directory}: adapter was made for other weights ({state.base_model.get('name_or_path')!r}); "
+                f"the FFN weights of layer {state.layer} of this model differ"
+            )
+        if config.resolve_layer(identity["num_layers"]) != state.layer:
+            raise AdapterError(f"{directory}: config layer does not match the saved layer {state.layer}")
+        editor = cls(model, tokenizer, config, output_dir=output_dir)
+        try:
+            editor._restore(state, tensors)
+        except Exception:
+            editor.unload()
+            raise
+        return editor
+
+    def _restore(self, state: AdapterState, tensors: dict[str, torch.Tensor]) -> None:
+        for _ in range(state.num_experts):
+            self.adaptor.add_expert(self.adaptor.new_expert())
+        router = self.adaptor.router
+        for name in ("anchors", "anchor_experts", "thresholds"):
+            key = f"router.{name}"
+            if key not in tensors:
+                raise AdapterError(f"adapter tensors lack {key!r}")
+            setattr(router, name, torch.empty_like(tensors[key], device=self.device))
+        expected = set(self.adapter_tensors())
+        missing, unexpected = expected - set(tensors), set(tensors) - expected
+        if missing or unexpected:
+            raise AdapterError(
+                f"adapter tensors do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        for name, tensor in tensors.items():
+            if self.adapter_tensors()[name].shape != tensor.shape:
+                raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                   f"{tuple(self.adapter_tensors()[name].shape)}")
+        self.adaptor.load_state_dict({**self.adaptor.base_layer.state_dict(prefix="base_layer."), **tensors})
+        if router.num_experts != state.num_experts or int(router.anchor_experts.shape[0]) != len(state.edits):
+            raise AdapterError("adapter is inconsistent: expert or edit counts differ between tensors and metadata")
+        self.edits = [dict(e) for e in state.edits]
+
+    @classmethod
+    def open(
+        cls, model: nn.Module, tokenizer: Any, output_dir: str | Path, config: LEMoEConfig | None = None
+    ) -> "LifelongEditor":
+        """An editor that saves into `output_dir` after every batch, resuming what is already there."""
+        if has_adapter(output_dir):
+            editor = cls.load(model, tokenizer, output_dir, output_dir=output_dir)
+            if config is not None and config.to_dict() != editor.config.to_dict():
+                editor.unload()
+                raise ValueError(
+                    f"{output_dir} holds an adapter with another config; resume without overriding the config "
+                    "or choose a new output directory"
+                )
+            return editor
+        return cls(model, tokenizer, config, output_dir=output_dir)

@@ -1,0 +1,111 @@
+"""Tokenise (prompt, answer) pairs into teacher-forced batches and score them at answer positions only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TeacherForcedBatch:
+    """Right-padded `prompt + " " + answer` sequences and where each answer token is predicted."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    prompt_mask: torch.Tensor  # (B, T), 1 on prompt tokens: what routing pools over
+    rows: torch.Tensor  # (N,) row of each answer token
+    positions: torch.Tensor  # (N,) logit position that predicts it (its index - 1)
+    targets: torch.Tensor  # (N,) the answer token id
+
+    def to(self, device: torch.device | str) -> "TeacherForcedBatch":
+        return TeacherForcedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def max_context(model: nn.Module) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
+
+
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    context_limit: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> TeacherForcedBatch:
+    """Build a batch; a pair that is empty or too long for the model raises ValueError naming it."""
+    sequences: list[list[int]] = []
+    prompt_lengths: list[int] = []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        label = labels[i] if labels else f"pair {i} (prompt {prompt[:60]!r})"
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        answer_ids = encode_answer(tokenizer, answer)
+        if not prompt_ids:
+            raise ValueError(f"{label}: the prompt tokenises to nothing")
+        if not answer_ids:
+            raise ValueError(f"{label}: the target {answer!r} tokenises to nothing")
+        if context_limit is not None and len(prompt_ids) + len(answer_ids) > context_limit:
+            raise ValueError(
+                f"{label}: prompt + target is {len(prompt_ids) + len(answer_ids)} tokens, "
+                f"longer than the model's context of {context_limit}"
+            )
+        sequences.append(prompt_ids + answer_ids)
+        prompt_lengths.append(len(prompt_ids))
+    length = max(len(s) for s in sequences)
+    batch = len(sequences)
+    input_ids = torch.full((batch, length), pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    prompt_mask = torch.zeros(batch, length, dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        prompt_mask[row, :plen] = 1
+        for pos in range(plen, len(seq)):
+            rows.append(row)
+            positions.append(pos - 1)
+            targets.append(seq[pos])
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return TeacherForcedBatch(input_ids, attention_mask, prompt_mask, as_long(rows), as_long(positions), as_long(targets))
+
+
+def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
+    """(N, V) logits at the answer positions only: the LM head never sees the other positions."""
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    states = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state  # (B, T, d)
+    picked = states[batch.rows, batch.positions]  # (N, d)
+    head = model.get_output_embeddings()
+    logits = head(picked.to(head.weight.dtype)).float()  # (N, V)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def per_row_accuracy(correct: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Fraction of each row's answer tokens that are correct: (N,) bool -> (B,) float."""
+    totals = torch.zeros(batch_size).index_add_(0, rows.cpu(), torch.ones(rows.numel()))
+    hits = torch.zeros(batch_size).index_add_(0, rows.cpu(), correct.float().cpu())
+    return hits / totals.clamp(min=1)

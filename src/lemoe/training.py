@@ -1,0 +1,137 @@
+"""Train one new expert on one edit batch, running only layers L..N.
+
+The layers below L are frozen and do not depend on the adaptor, so their output is computed
+once per batch and replayed: during training, layers 0..L-1 are swapped for a module that
+returns the cached layer-L input. Logits are computed at answer positions only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LEMoEConfig
+from .encoding import TeacherForcedBatch, answer_logits, per_row_accuracy
+from .layer import LEMoELayer
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    token_accuracy: list[float]  # per edit, teacher-forced, with the new expert forced on
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen decoder layer below L: returns the cached input of layer L."""
+
+    def __init__(self, cached: torch.Tensor) -> None:
+        super().__init__()
+        self.cached = cached
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.cached
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: LEMoELayer, batch: TeacherForcedBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frozen forward pass: the input of decoder layer L (B, T, d) and the FFN input there (B, T, d)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def grab_ffn_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured["ffn"] = args[0].detach()
+        raise _StopForward
+
+    handles = [
+        layers[layer_idx].register_forward_pre_hook(grab_layer_input, with_kwargs=True),
+        adaptor.register_forward_pre_hook(grab_ffn_input),
+    ]
+    try:
+        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured["layer"], captured["ffn"]
+
+
+class _StopForward(Exception):
+    """Ends the capture pass at layer L's FFN: nothing above it is needed."""
+
+
+@contextmanager
+def replay_below(layers: nn.ModuleList, layer_idx: int, cached: torch.Tensor) -> Iterator[None]:
+    originals = [layers[i] for i in range(layer_idx)]
+    replay = _Replay(cached)
+    for i in range(layer_idx):
+        layers[i] = replay
+    try:
+        yield
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+def train_expert(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    layer_idx: int,
+    adaptor: LEMoELayer,
+    expert_id: int,
+    batch: TeacherForcedBatch,
+    layer_input: torch.Tensor,
+    config: LEMoEConfig,
+) -> TrainResult:
+    """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
+    expert = adaptor.experts[expert_id]
+    params = list(expert.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    forced = torch.full((batch.size,), expert_id, dtype=torch.long)
+    steps, loss_value = 0, float("nan")
+    correct = torch.zeros(0, dtype=torch.bool)
+    try:
+        with _eval_mode(model), replay_below(layers, layer_idx, layer_input), adaptor.forced_route(forced):
+            while True:
+                logits = answer_logits(model, batch)  # (N, V)
+                targets = batch.targets.to(logits.device)
+                loss = F.cross_entropy(logits, targets)
+                correct = logits.argmax(dim=-1) == targets
+                loss_value = float(loss.detach())
+                done = config.early_stop and bool(correct.all()) and steps >= config.min_steps
+                if done or steps >= config.max_steps:
+                    break
+                grads = torch.autograd.grad(loss, params)
+                for param, grad in zip(params, grads):
+                    param.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+    finally:
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+    accuracy = per_row_accuracy(correct, batch.rows, batch.size).tolist()
+    return TrainResult(steps=steps, final_loss=loss_value, token_accuracy=accuracy)
