@@ -131,10 +131,14 @@ class LifelongEditor:
             router.fit_statistics(torch.cat([pooled, negatives], dim=0))
         # 2. a new zero expert, then its key (frozen anchors) and acceptance region
         expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
-        anchor = router.add_expert_key(pooled, negatives)
-        # 3. the expert itself, on layers L..N only
-        result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
-                              layer_input, self.config)
+        try:
+            anchor = router.add_expert_key(pooled, negatives)
+            # 3. the expert itself, on layers L..N only
+            result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
+                                  layer_input, self.config)
+        except BaseException:
+            self.adaptor.truncate(expert_id)  # an interrupted batch leaves no half-made expert behind
+            raise
         routed = self.adaptor.route(pooled).top1()
         batch_index = expert_id
         for record in records:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +73,7 @@ def find_layout(model: nn.Module) -> FFNLayout:
         names = (*layout.in_projs, layout.out_proj, layout.act_attr)
         if all(hasattr(mlp, n) for n in names):
             return layout
-    found = sorted({name.split(".")[-1] for name, _ in model.named_modules() if name})[:40]
+    found = sorted({re.sub(r"\.\d+(?=\.|$)", ".N", name) for name, _ in model.named_modules() if name})[:40]
     supported = ", ".join(f"{l.family} ({l.layers_path}[i].{l.mlp_attr})" for l in LAYOUTS)
     raise ValueError(
         f"unsupported architecture {type(model).__name__}: no known FFN layout found. "
@@ -227,11 +227,3 @@ def load_model(
     model.eval()
     find_layout(model)  # fail early on an unsupported architecture
     return model, tokenizer
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,0 +1,176 @@
+"""Behavioural checks run on every tiny architecture (Llama, Qwen2, GPT-2)."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import logits_of, make_model, records, tiny_config
+from lemoe import LifelongEditor
+from lemoe.layer import LEMoELayer
+
+PROBES = ["Where was Paris 0 born?", "the quick brown fox jumps over", "What is the language of the film?"]
+
+
+def test_inserting_an_expert_changes_no_logits(arch, tokenizer):
+    model = make_model(arch)
+    before = logits_of(model, tokenizer, PROBES)
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    assert torch.equal(logits_of(model, tokenizer, PROBES), before)  # wrapping alone
+    editor.adaptor.add_expert(editor.adaptor.new_expert())
+    forced = torch.zeros(1, dtype=torch.long)
+    with editor.adaptor.forced_route(forced):  # even when every input is sent to the new expert
+        assert torch.equal(logits_of(model, tokenizer, PROBES), before)
+
+
+def test_edit_changes_the_target_prediction(arch, tokenizer):
+    model = make_model(arch)
+    batch = records(3)
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=150))
+    report = editor.edit(batch)
+    assert report.expert == 0 and report.num_edits == 3
+    assert min(report.train_accuracy) == 1.0
+    assert all(report.routed_to_own)
+    from lemoe.metrics import token_accuracy
+
+    rel = token_accuracy(model, tokenizer, [r.prompt for r in batch], [r.target for r in batch], editor.adaptor)
+    assert min(rel) == 1.0
+    with editor.disabled():
+        base_rel = token_accuracy(model, tokenizer, [r.prompt for r in batch], [r.target for r in batch], editor.adaptor)
+    assert max(base_rel) < 1.0
+
+
+def test_earlier_experts_stay_bit_identical_and_keep_their_routes(arch, tokenizer):
+    model = make_model(arch)
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=3, min_steps=1))
+    snapshots: list[dict[str, torch.Tensor]] = []
+    all_records = []
+    for batch_index in range(20):
+        batch = records(2, offset=2 * batch_index)
+        all_records.extend(batch)
+        editor.edit(batch)
+        snapshots.append({k: v.clone() for k, v in editor.adaptor.experts[batch_index].state_dict().items()})
+    router = editor.adaptor.router
+    anchors_after_first = router.anchors[:2].clone()
+    for index, snapshot in enumerate(snapshots):
+        for name, tensor in editor.adaptor.experts[index].state_dict().items():
+            assert torch.equal(tensor, snapshot[name]), f"expert {index} tensor {name} changed"
+    assert torch.equal(router.anchors[:2], anchors_after_first)
+    routes = editor.route([r.prompt for r in all_records])
+    assert routes == [i // 2 for i in range(40)]
+    assert editor.routing_consistency() == 1.0
+
+
+def test_unload_restores_the_model_bit_for_bit(arch, tokenizer):
+    model = make_model(arch)
+    before = logits_of(model, tokenizer, PROBES)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    original_ffn = editor.adaptor.base_layer
+    editor.edit(records(3))
+    assert not torch.equal(logits_of(model, tokenizer, [records(1)[0].prompt]),
+                           logits_of(make_model(arch), tokenizer, [records(1)[0].prompt]))
+    editor.unload()
+    assert torch.equal(logits_of(model, tokenizer, PROBES), before)
+    assert not any(isinstance(m, LEMoELayer) for m in model.modules())
+    assert original_ffn in list(model.modules())
+    after = model.state_dict()
+    assert after.keys() == state_before.keys()
+    assert all(torch.equal(after[k], state_before[k]) for k in after)
+    assert not model._forward_pre_hooks
+
+
+def test_disabled_gives_base_logits(arch, tokenizer):
+    model = make_model(arch)
+    before = logits_of(model, tokenizer, PROBES)
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    editor.edit(records(2))
+    with editor.disabled():
+        assert torch.equal(logits_of(model, tokenizer, PROBES), before)
+
+
+def test_deferred_inputs_get_exactly_the_base_output(arch, tokenizer):
+    model = make_model(arch)
+    unrelated = ["the quick brown fox jumps over the lazy dog"]
+    before = logits_of(model, tokenizer, unrelated)
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    editor.edit(records(2))
+    if editor.route(unrelated) == [None]:
+        assert torch.equal(logits_of(model, tokenizer, unrelated), before)
+    # force the question: an expert whose region rejects everything must leave every output alone
+    editor.adaptor.router.thresholds.fill_(2.0)
+    assert editor.route([records(1)[0].prompt]) == [None]
+    probes = [records(1)[0].prompt] + unrelated
+    fresh = make_model(arch)
+    assert torch.equal(logits_of(model, tokenizer, probes), logits_of(fresh, tokenizer, probes))
+
+
+def test_generate_with_and_without_kv_cache_agree(arch, tokenizer):
+    model = make_model(arch)
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=150))
+    batch = records(3)
+    assert min(editor.edit(batch).train_accuracy) == 1.0
+    for record in batch[:2]:
+        ids = tokenizer(record.prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        cached = model.generate(**ids, use_cache=True, **kwargs)
+        uncached = model.generate(**ids, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached)
+        target_ids = tokenizer(" " + record.target, add_special_tokens=False)["input_ids"]
+        generated = cached[0, ids["input_ids"].shape[1]:].tolist()
+        assert generated[: len(target_ids)] == target_ids
+
+
+def test_batched_left_padded_generation_matches_single(arch, tokenizer):
+    from lemoe.metrics import greedy_completions
+
+    model = make_model(arch)
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=30))
+    batch = records(3)
+    editor.edit(batch)
+    prompts = [r.prompt for r in batch] + ["the quick brown fox"]
+    together = greedy_completions(model, tokenizer, prompts, 4, batch_size=4)
+    alone = [greedy_completions(model, tokenizer, [p], 4)[0] for p in prompts]
+    assert together == alone
+
+
+def test_rollback_restores_the_earlier_state(arch, tokenizer):
+    model = make_model(arch)
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    editor.edit(records(2))
+    probes = [r.prompt for r in records(6)]
+    after_one = logits_of(model, tokenizer, probes)
+    editor.edit(records(2, offset=2))
+    editor.edit(records(2, offset=4))
+    assert not torch.equal(logits_of(model, tokenizer, probes), after_one)
+    removed = editor.rollback(batches=2)
+    assert removed == 4 and editor.num_experts == 1 and len(editor.edits) == 2
+    assert torch.equal(logits_of(model, tokenizer, probes), after_one)
+    editor.rollback(batches=1)
+    fresh = make_model(arch)
+    assert torch.equal(logits_of(model, tokenizer, probes), logits_of(fresh, tokenizer, probes))
+
+
+def test_only_the_new_expert_gets_gradients_and_base_is_untouched(arch, tokenizer):
+    model = make_model(arch)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    editor.edit(records(2))
+    editor.edit(records(2, offset=2))
+    for name, tensor in model.state_dict().items():
+        plain = name.replace(".base_layer", "")
+        if plain in base_state and ".experts." not in name and ".router." not in name:
+            assert torch.equal(tensor, base_state[plain]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not p.requires_grad for p in editor.adaptor.experts.parameters())
+
+
+def test_ffn_expert_kind_edits_and_is_zero_at_creation(arch, tokenizer):
+    model = make_model(arch)
+    before = logits_of(model, tokenizer, PROBES)
+    editor = LifelongEditor(model, tokenizer, tiny_config(expert="ffn", lr=1e-2, max_steps=150))
+    editor.adaptor.add_expert(editor.adaptor.new_expert())
+    with editor.adaptor.forced_route(torch.zeros(1, dtype=torch.long)):
+        assert torch.equal(logits_of(model, tokenizer, PROBES), before)
+    editor.adaptor.truncate(0)
+    report = editor.edit(records(2))
+    assert min(report.train_accuracy) == 1.0
