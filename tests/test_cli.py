@@ -1,0 +1,75 @@
+"""The `lemoe` command end to end on a tiny model saved as a local directory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import make_model, records, tiny_tokenizer
+from lemoe.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records(6)))
+    return path
+
+
+def test_edit_info_generate_rollback(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    args = ["--data", str(data_file), "--out", str(out), "--model", str(model_dir), "--batch-size", "2",
+            "--layer", "1", "--max-steps", "5"]
+    assert main(["edit", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "edits in adapter" in printed and "experts" in printed
+    assert len((out / "edits.jsonl").read_text().splitlines()) == 6
+
+    assert main(["edit", *args]) == 0  # a rerun resumes: nothing left to do
+    assert "resumed: 6 edits" in capsys.readouterr().out
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert re.search(r"^experts\s+3$", info, re.M) and re.search(r"^edits\s+6$", info, re.M)
+    assert records(6)[5].prompt[:30] in info
+
+    assert main(["generate", "--adapter", str(out), "--model", str(model_dir), "--max-new-tokens", "3",
+                 "--compare", records(1)[0].prompt]) == 0
+    assert "base model" in capsys.readouterr().out
+
+    assert main(["rollback", str(out), "--batches", "2", "--model", str(model_dir)]) == 0
+    assert "1 experts and 2 edits remain" in capsys.readouterr().out
+    assert len((out / "edits.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_input_gives_a_clear_error_and_exit_code(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "Where was Paris born?", "target": "Lyon"}, {"target": "x"}]))
+    code = main(["edit", "--data", str(bad), "--out", str(tmp_path / "o"), "--model", str(model_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.json: record 1: missing field 'prompt'" in err
+    assert not (tmp_path / "o").exists()
+    code = main(["edit", "--data", str(bad), "--out", str(tmp_path / "o"), "--model", str(model_dir), "--layer", "7"])
+    assert code == 2
+    code = main(["info", str(tmp_path / "missing")])
+    assert code == 2 and "no such adapter directory" in capsys.readouterr().err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "lemoe edit --data" in text and "rollback" in text
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    assert "resumes where it stopped" in " ".join(capsys.readouterr().out.split())
