@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
     method.add_argument("--expert", choices=["lora", "ffn"], default=None, help="expert kind (default: lora)")
     method.add_argument("--lora-rank", type=int, default=None, help="rank of lora experts (default: 16)")
-    method.add_argument("--lr", type=float, default=None, help="learning rate of a new expert (default: 3e-2)")
+    method.add_argument("--lr", type=float, default=None, help="learning rate of a new expert (default: 5e-2)")
     method.add_argument("--max-steps", type=int, default=None, help="training steps per batch at most (default: 40)")
     method.add_argument("--top-k", type=int, default=None, help="experts mixed per sequence (default: 1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -52,7 +52,7 @@ class LEMoEConfig:
     )
 
     # -- training one batch --
-    lr: float = field(default=3e-2, metadata={"help": "AdamW learning rate of the new expert"})
+    lr: float = field(default=5e-2, metadata={"help": "AdamW learning rate of the new expert"})
     max_steps: int = field(default=40, metadata={"help": "upper bound on optimisation steps per batch"})
     min_steps: int = field(default=2, metadata={"help": "steps taken even if every target token is already the argmax"})
     early_stop: bool = field(default=True, metadata={"help": "stop once every target token is the argmax"})

@@ -1,0 +1,88 @@
+"""How well prompt embeddings separate rephrases (must route to their edit) from unrelated prompts
+(must be deferred), per pooling and embedding space, with one anchor per edit: docs/routing.md.
+
+    python benchmarks/routing_probe.py --out results/routing_probe.json [--quick]
+
+No training: anchors are the edits' own prompts; the region threshold is the highest score any
+built-in generic negative reaches plus the configured margin, as `KVAnchorRouter` fits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def separation(prompts: torch.Tensor, rephrases: torch.Tensor, unrelated: torch.Tensor, negatives: torch.Tensor,
+               margin: float) -> dict[str, float]:
+    """All inputs unit-normalised (n, d). Rephrase i should route to anchor i; unrelated must be deferred."""
+    idx = torch.arange(prompts.shape[0])
+    s_reph, s_unrel = rephrases @ prompts.T, unrelated @ prompts.T
+    threshold = float((negatives @ prompts.T).max()) + margin
+
+    def routed(t: float) -> float:
+        return float(((s_reph.argmax(1) == idx) & (s_reph.max(1).values >= t)).float().mean())
+
+    def deferred(t: float) -> float:
+        return float((s_unrel.max(1).values < t).float().mean())
+
+    sweep = max((routed(t) + deferred(t)) / 2 for t in torch.linspace(-1, 1, 201).tolist())
+    return {"threshold": threshold, "rephrase_routed": routed(threshold), "unrelated_deferred": deferred(threshold),
+            "best_average_over_thresholds": sweep}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="100 ZsRE edits instead of 300")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, nargs="+", default=[20, 12])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lemoe import LEMoEConfig, LifelongEditor, load_model
+    from lemoe.editor import builtin_negatives
+
+    model, tok = load_model()
+    n = 100 if args.quick else 300
+    zsre = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n]
+    demo = json.loads(resources.files("lemoe").joinpath("resources/demo_edits.json").read_text())
+    sets = {
+        "zsre_mend_dev (NQ locality)": ([r["src"] for r in zsre], [r["rephrase"] for r in zsre], [r["loc"] for r in zsre]),
+        "demo (neighbour locality)": ([r["prompt"] for r in demo], [r["rephrase"] for r in demo],
+                                      [r["locality_prompt"] for r in demo]),
+    }
+    margin = LEMoEConfig().route_margin
+    rows = []
+    for layer in args.layers:
+        for pooling in ("mean", "last"):
+            editor = LifelongEditor(model, tok, LEMoEConfig(layer=layer, pooling=pooling))
+            negatives = editor.pooled_prompts(builtin_negatives())
+            for name, (p, r, u) in sets.items():
+                P, R, U = (editor.pooled_prompts(x) for x in (p, r, u))
+                stats_from = torch.cat([P[:10], negatives])  # as the router: first batch + negatives
+                mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+                spaces = {"raw": lambda x: x, "centred": lambda x: x - mu, "standardised": lambda x: (x - mu) / sd}
+                for space, f in spaces.items():
+                    unit = [F.normalize(f(x), dim=-1) for x in (P, R, U, negatives)]
+                    row = {"layer": layer, "pooling": pooling, "space": space, "data": name, "edits": len(p),
+                           **separation(*unit, margin=margin)}
+                    rows.append(row)
+                    print(f"L{layer} {pooling:4s} {space:12s} {name:28s} rephrase routed {row['rephrase_routed']:.2f}"
+                          f"  unrelated deferred {row['unrelated_deferred']:.2f}"
+                          f"  best avg {row['best_average_over_thresholds']:.2f}", flush=True)
+            editor.unload()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": "routing_probe", "threads": args.threads, "margin": margin,
+                                          "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
