@@ -174,3 +174,29 @@ def test_ffn_expert_kind_edits_and_is_zero_at_creation(arch, tokenizer):
     editor.adaptor.truncate(0)
     report = editor.edit(records(2))
     assert min(report.train_accuracy) == 1.0
+
+
+def test_beam_search_with_and_without_kv_cache_agree(tokenizer):
+    model = make_model("llama")
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=150))
+    batch = records(3)
+    assert min(editor.edit(batch).train_accuracy) == 1.0
+    ids = tokenizer(batch[0].prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(model.generate(**ids, use_cache=True, **kwargs), model.generate(**ids, use_cache=False, **kwargs))
+
+
+def test_a_call_that_bypasses_the_model_hook_routes_afresh(tokenizer):
+    model = make_model("llama")
+    editor = LifelongEditor(model, tokenizer, tiny_config())
+    editor.edit(records(2))
+    first = tokenizer(records(1)[0].prompt, return_tensors="pt")
+    model.generate(**first, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    # announce a decode step of that sequence, then call the inner model on another text instead
+    editor.adaptor.observe_call(first["input_ids"], None, past_len=first["input_ids"].shape[1])
+    other = tokenizer("the quick brown fox jumps", return_tensors="pt")
+    with torch.no_grad():
+        out = model.model(**other).last_hidden_state
+        editor.adaptor.reset_routing_cache()
+        expected = model.model(**other).last_hidden_state
+    assert torch.equal(out, expected)

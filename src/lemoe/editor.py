@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
-from .encoding import TeacherForcedBatch, encode_pairs, max_context, pad_id
+from .encoding import TeacherForcedBatch, encode_pairs, encode_prompts, max_context
 from .layer import LEMoELayer, install_call_observer
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
@@ -143,7 +143,7 @@ class LifelongEditor:
         batch_index = expert_id
         for record in records:
             self.edits.append({**record.to_dict(), "batch": batch_index, "expert": expert_id})
-        self.adaptor.routing.cached_route = None
+        self.adaptor.reset_routing_cache()
         report = EditReport(
             batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
             seconds=time.perf_counter() - started, final_loss=result.final_loss,
@@ -211,15 +211,7 @@ class LifelongEditor:
         return torch.cat(vectors, dim=0)
 
     def _prompt_batch(self, prompts: Sequence[str]) -> TeacherForcedBatch:
-        encoded = [list(self.tokenizer(p)["input_ids"]) for p in prompts]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(prompts), width), pad_id(self.tokenizer), dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, seq in enumerate(encoded):
-            if not seq:
-                raise DataError(f"prompt {row} ({prompts[row]!r}) tokenises to nothing")
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = encode_prompts(self.tokenizer, prompts, left_pad=False)
         empty = torch.zeros(0, dtype=torch.long)
         return TeacherForcedBatch(ids, mask, mask, empty, empty, empty).to(self.input_device)
 

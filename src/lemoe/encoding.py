@@ -91,6 +91,22 @@ def encode_pairs(
     return TeacherForcedBatch(input_ids, attention_mask, prompt_mask, as_long(rows), as_long(positions), as_long(targets))
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts alone as a padded batch: (B, T) ids and attention mask. Left padding for generation."""
+    encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    for i, seq in enumerate(encoded):
+        if not seq:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
+    width = max(len(seq) for seq in encoded)
+    ids = torch.full((len(prompts), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        span = slice(width - len(seq), width) if left_pad else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
     """(N, V) logits at the answer positions only: the LM head never sees the other positions."""
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)

@@ -115,8 +115,7 @@ class LEMoELayer(nn.Module):
     def truncate(self, num_experts: int) -> None:
         del self.experts[num_experts:]
         self.router.truncate(num_experts)
-        self.routing.cached_route = None
-        self.routing.cached_ids = None
+        self.reset_routing_cache()
 
     # ------------------------------------------------------------------ routing context
 
@@ -166,9 +165,9 @@ class LEMoELayer(nn.Module):
             return Route(experts, torch.ones(batch, 1, device=x.device))
         if state.prompt_mask is not None:
             return self.route(self.router.pool(x, state.prompt_mask))
-        seen, reuse = state.call_seen, state.call_reuse
-        mask, ids = state.call_mask, state.call_ids
-        state.call_seen, state.call_reuse, state.call_mask, state.call_ids = False, False, None, None
+        seen, reuse, mask, ids = self._consume_call()
+        if seen and ids is not None and ids.shape[1] != length:
+            seen, reuse, mask, ids = False, False, None, None  # not the call the hook saw: route afresh
         if seen and reuse and state.cached_route is not None:
             return state.cached_route
         if mask is None or mask.shape[1] < length:
@@ -178,11 +177,24 @@ class LEMoELayer(nn.Module):
         state.cached_ids = ids.detach().clone() if (seen and ids is not None and ids.shape[1] == length) else None
         return route
 
+    def _consume_call(self) -> tuple[bool, bool, torch.Tensor | None, torch.Tensor | None]:
+        """What the pre-hook saw about this call, used once: a later call that bypasses the hook
+        (e.g. the inner model called directly) must not inherit it."""
+        state = self.routing
+        seen = (state.call_seen, state.call_reuse, state.call_mask, state.call_ids)
+        state.call_seen, state.call_reuse, state.call_mask, state.call_ids = False, False, None, None
+        return seen
+
+    def reset_routing_cache(self) -> None:
+        self.routing.cached_route = None
+        self.routing.cached_ids = None
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)  # (B, T, d)
         if self.disabled or self.num_experts == 0:
+            self._consume_call()
             return base_out
         route = self._route_for(x)
         self.routing.last_route = route

@@ -18,7 +18,7 @@ from typing import Any, ContextManager, Sequence
 import torch
 from torch import nn
 
-from .encoding import answer_logits, encode_answer, encode_pairs, max_context, pad_id, per_row_accuracy
+from .encoding import answer_logits, encode_answer, encode_pairs, encode_prompts, max_context, pad_id
 from .layer import LEMoELayer
 
 
@@ -81,13 +81,8 @@ def greedy_completions(
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [list(tokenizer(p)["input_ids"]) for p in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(encoded):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        ids, mask = encode_prompts(tokenizer, chunk, left_pad=True)
+        width = ids.shape[1]
         steps = max(lengths[start : start + batch_size])
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps, do_sample=False,
@@ -117,6 +112,5 @@ __all__ = [
     "generative_exact_match",
     "greedy_completions",
     "mean",
-    "per_row_accuracy",
     "token_accuracy",
 ]
