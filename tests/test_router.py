@@ -9,7 +9,7 @@ from lemoe.router import KVAnchorRouter
 
 
 def _router(**config) -> KVAnchorRouter:
-    router = KVAnchorRouter(4, LEMoEConfig(**config))
+    router = KVAnchorRouter(4, LEMoEConfig(**{"route_floor": -1.0, **config}))
     router.stats_fitted.fill_(True)  # identity standardisation: values are the normalised inputs
     return router
 
@@ -79,3 +79,11 @@ def test_pooling_ignores_padding_and_last_takes_the_last_prompt_token():
     assert torch.equal(mean[0], hidden[0, :2].mean(0)) and torch.equal(mean[1], hidden[1, 1:].mean(0))
     last = _router(pooling="last").pool(hidden, mask)
     assert torch.equal(last[0], hidden[0, 1]) and torch.equal(last[1], hidden[1, 2])
+
+
+def test_the_floor_bounds_how_wide_a_region_can_be():
+    router = _router(route_margin=0.05, route_floor=0.5)
+    fit = router.add_expert_key(E[[0]], negatives=-E[[0]])  # the negative alone would allow cos > -0.95
+    assert fit.threshold == 0.5
+    tilted = torch.nn.functional.normalize(E[0] + 2 * E[1], dim=0)[None]  # cos 0.447 to the anchor
+    assert router.route(tilted, top_k=1, deferral=True).top1() == [None]

@@ -26,6 +26,8 @@ EPILOG = textwrap.dedent(
       lemoe generate --adapter my-adapter "The capital of France is"
       lemoe info my-adapter                        what an adapter holds
       lemoe rollback my-adapter --batches 1        drop the newest batch of edits
+      lemoe bench --data ../shared/data/zsre/zsre_mend_dev.json --T 100 --order cluster --out results/run
+                                                   a benchmark protocol with per-edit results and plots
 
     An edit file is a JSON list or JSONL of records: lemoe's own fields (prompt, target and, for
     evaluation only, rephrase, locality_prompt, locality_answer) or a public format (MEND/WISE
@@ -174,6 +176,38 @@ def _has_overrides(args: argparse.Namespace) -> bool:
     return any(getattr(args, k, None) is not None for k in ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k"))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+    from .data import read_edits
+
+    settings = BenchSettings(data=str(args.data), T=args.T, batch_size=args.batch_size, order=args.order,
+                             protocol=args.protocol, seed=args.seed_order, curve_every=args.curve_every,
+                             generative=not args.no_generative, model=args.model or "smollm2-135m")
+    records = read_edits(args.data, format=args.format)
+    model, tok = _load(args, args.model)
+    with _progress(min(args.T, len(records)), f"editing ({args.protocol}, {args.order} order)") as bar:
+        summary = run_bench(model, tok, records, settings, _config_from(args), args.out,
+                            on_batch=lambda report: bar.update(report.num_edits))
+    print(f"\n{summary['method']} on {Path(args.data).name}: T={summary['T']}, batch {summary['batch_size']}, "
+          f"{summary['order']} order, {summary['protocol']} protocol")
+    rows = [(name, METRIC_LABELS[name], summary[name]) for name in ("rel", "gen", "loc", "gen_em")]
+    if summary["protocol"] != "final":
+        rows += [(f"{name} (final)", METRIC_LABELS[name], summary["final"][name]) for name in ("rel", "gen", "loc")]
+    rows += [
+        ("routing consistency", "final", summary["routing_consistency"]),
+        ("target perplexity before -> after", "teacher-forced",
+         f"{summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f}"),
+        ("seconds per edit", "", summary["seconds_per_edit"]),
+        ("peak RSS (MB)", "", f"{summary['peak_rss_mb']:.0f}"),
+    ]
+    print(_table(rows, ["metric", "protocol", "value"]))
+    print(f"results: {args.out} (summary.json, edits.jsonl, timeline.csv, *.png)")
+    return 0
+
+
+METRIC_LABELS = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced", "gen_em": "generative"}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .editor import LifelongEditor
     from .metrics import greedy_completions
@@ -279,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", required=True, help="adapter directory (created, or resumed if it exists)")
     edit.add_argument("--limit", type=int, default=None, help="only the first N records")
     edit.set_defaults(func=cmd_edit)
+
+    bench = sub.add_parser("bench", parents=[common, method], help="run an editing benchmark protocol",
+                           description="Apply the first T records of FILE in batches (in stream, random or "
+                           "cluster order) and measure Rel / Gen / Loc (teacher-forced), generative exact match, "
+                           "routing consistency and target perplexity under the final, immediate or curve "
+                           "protocol. Writes summary.json, edits.jsonl, timeline.csv and plots to OUT.")
+    bench.add_argument("--data", required=True, help="edit file in any supported format")
+    bench.add_argument("--format", default=None, choices=[f.name for f in FORMATS], help="override format detection")
+    bench.add_argument("--T", type=int, default=100, help="number of edits (the first T records)")
+    bench.add_argument("--order", choices=["stream", "random", "cluster"], default="stream",
+                       help="stream: as given; random: seeded shuffle; cluster: K-means batches, far apart in turn")
+    bench.add_argument("--seed-order", type=int, default=0, help="seed of the random order and of K-means")
+    bench.add_argument("--protocol", choices=["final", "immediate", "curve"], default="final",
+                       help="final: evaluate all edits at the end; immediate: each batch right after its edit; "
+                       "curve: all edits so far every --curve-every batches")
+    bench.add_argument("--curve-every", type=int, default=1, help="batches between curve evaluations")
+    bench.add_argument("--no-generative", action="store_true", help="skip greedy-decoding exact match (faster)")
+    bench.add_argument("--out", required=True, help="result directory")
+    bench.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser("generate", parents=[common], help="greedy completions from an edited model",
                          description="Load the adapter onto its base model and complete each PROMPT greedily.")

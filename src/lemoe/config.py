@@ -50,6 +50,11 @@ class LEMoEConfig:
         default=0.05,
         metadata={"help": "an expert's region starts this far (cosine) above the closest generic unrelated prompt"},
     )
+    route_floor: float = field(
+        default=0.5,
+        metadata={"help": "an expert's region never starts below this cosine (bounds locality loss as experts "
+                  "accumulate; see docs/routing.md)"},
+    )
 
     # -- training one batch --
     lr: float = field(default=5e-2, metadata={"help": "AdamW learning rate of the new expert"})
@@ -80,6 +85,8 @@ class LEMoEConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.route_margin, (int, float)) or not 0 <= self.route_margin < 1:
             raise ValueError(f"route_margin must be in [0, 1), got {self.route_margin!r}")
+        if not isinstance(self.route_floor, (int, float)) or not -1 <= self.route_floor < 1:
+            raise ValueError(f"route_floor must be in [-1, 1), got {self.route_floor!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

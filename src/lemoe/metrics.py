@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from typing import Any, ContextManager, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .encoding import answer_logits, encode_answer, encode_pairs, encode_prompts, max_context, pad_id
@@ -60,6 +61,30 @@ def token_accuracy(
     predictions = answer_predictions(model, tokenizer, prompts, answers, adaptor, batch_size)
     return [float((pred == torch.tensor(encode_answer(tokenizer, ans))).float().mean())
             for pred, ans in zip(predictions, answers)]
+
+
+@torch.no_grad()
+def target_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    adaptor: LEMoELayer | None = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """Per pair, exp(mean NLL of the target tokens given the prompt): the hallucination-set measure."""
+    device = model.get_input_embeddings().weight.device
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_pairs(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size],
+                             max_context(model)).to(device)
+        with _routing_context(adaptor, batch.prompt_mask):
+            nll = F.cross_entropy(answer_logits(model, batch), batch.targets, reduction="none").cpu()  # (N,)
+        rows = batch.rows.cpu()
+        totals = torch.zeros(batch.size).index_add_(0, rows, nll)
+        counts = torch.zeros(batch.size).index_add_(0, rows, torch.ones_like(nll))
+        out.extend(torch.exp(totals / counts).tolist())
+    return out
 
 
 def agreement(edited: Sequence[torch.Tensor], unedited: Sequence[torch.Tensor]) -> list[float]:
@@ -112,5 +137,6 @@ __all__ = [
     "generative_exact_match",
     "greedy_completions",
     "mean",
+    "target_perplexity",
     "token_accuracy",
 ]

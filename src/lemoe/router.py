@@ -9,9 +9,9 @@ Every expert's key is the set of its edits' values (one anchor per edit, frozen 
 is made): a batch of unrelated facts has no single centre, and one key per batch misrouted 14 %
 of its own prompts in our measurement (see docs/routing.md). Expert i scores
 s_i = max over its anchors of cos(anchor, v); it accepts the input when s_i >= t_i, its acceptance
-region, fitted to reject generic unrelated prompts. The top-k accepted experts fire, with gates
-renormalised over them, so adding an expert never rescales an older one's output. An input that
-no expert accepts gets exactly the base model's output. On an exact tie (the same prompt edited
+region, fitted to reject generic unrelated prompts and never wider than cosine `route_floor`.
+The top-k accepted experts fire, with gates renormalised over them, so adding an expert never
+rescales an older one's output. An input that no expert accepts gets exactly the base model's output. On an exact tie (the same prompt edited
 twice) the newer expert wins, so a later correction overrides an earlier one.
 """
 
@@ -122,8 +122,8 @@ class KVAnchorRouter(nn.Module):
         """Freeze the anchors of a new expert (its batch's prompts, (B, d)) and fit its region.
 
         The threshold sits `route_margin` above the best-scoring generic negative (M, d), so an
-        input must be closer to one of the edits than any unrelated prompt is. Earlier anchors and
-        thresholds are never modified.
+        input must be closer to one of the edits than any unrelated prompt is, and never below
+        `route_floor`. Earlier anchors and thresholds are never modified.
         """
         expert = self.num_experts
         anchors = self.value(positives)  # (B, d)
@@ -132,7 +132,7 @@ class KVAnchorRouter(nn.Module):
             max_negative = float(neg_scores.max())
         else:
             neg_scores, max_negative = anchors.new_zeros(0), -1.0
-        threshold = min(max_negative + self.config.route_margin, 1.0 - 1e-3)
+        threshold = min(max(max_negative + self.config.route_margin, self.config.route_floor), 1.0 - 1e-3)
         if not self.config.deferral:
             threshold = float("-inf")
         owners = torch.full((anchors.shape[0],), expert, dtype=torch.long, device=anchors.device)

@@ -1,0 +1,254 @@
+"""Lifelong-editing protocols and their result directory.
+
+Protocols (same definitions as WISE / LEMoE papers):
+- `final`: apply all T edits, then evaluate every edit on the final model.
+- `immediate`: evaluate each batch right after its edit (the final evaluation is recorded too,
+  so the difference is what was forgotten).
+- `curve`: every k batches, evaluate all edits so far (the forgetting curve); final recorded too.
+
+Result directory: `edits.jsonl` (one line per edit), `summary.json`, `timeline.csv`, PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import LEMoEConfig
+from .data import EditRecord
+from .editor import EditReport, LifelongEditor
+from .metrics import (agreement, answer_predictions, generative_exact_match, mean, target_perplexity,
+                      token_accuracy)
+from .planning import ORDER_MODES, plan_order
+
+logger = logging.getLogger("lemoe")
+
+PROTOCOLS = ("final", "immediate", "curve")
+METRIC_PROTOCOL = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced",
+                   "gen_em": "generative", "ppl": "teacher-forced", "routing_consistency": "final"}
+
+
+@dataclass
+class BenchSettings:
+    """One benchmark run: which edits, in what order, evaluated how."""
+
+    data: str
+    T: int
+    batch_size: int = 10
+    order: str = "stream"
+    protocol: str = "final"
+    seed: int = 0
+    curve_every: int = 1
+    generative: bool = True
+    model: str = "smollm2-135m"
+    method: str = "lemoe"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.order not in ORDER_MODES:
+            raise ValueError(f"order must be one of {ORDER_MODES}, got {self.order!r}")
+        for name in ("T", "batch_size", "curve_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Evaluator:
+    """Scores edits on the current model; the unedited model's locality answers are computed once."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], generative: bool) -> None:
+        self.model, self.tokenizer, self.records, self.generative = model, tokenizer, list(records), generative
+        self.loc_index = [i for i, r in enumerate(self.records) if r.locality_prompt is not None]
+        self.unedited_loc = dict(zip(self.loc_index, answer_predictions(
+            model, tokenizer, [self.records[i].locality_prompt or "" for i in self.loc_index],
+            [self.records[i].locality_answer or "" for i in self.loc_index])))
+        self.ppl_before = target_perplexity(model, tokenizer, [r.prompt for r in self.records],
+                                            [r.target for r in self.records])
+
+    def evaluate(self, editor: LifelongEditor, indices: Sequence[int]) -> dict[str, list[Any]]:
+        """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined."""
+        model, tok, adaptor = self.model, self.tokenizer, editor.adaptor
+        chosen = [self.records[i] for i in indices]
+        prompts, targets = [r.prompt for r in chosen], [r.target for r in chosen]
+        rel = token_accuracy(model, tok, prompts, targets, adaptor)
+        with_rephrase = [k for k, r in enumerate(chosen) if r.rephrase]
+        gen_values = token_accuracy(model, tok, [chosen[k].rephrase or "" for k in with_rephrase],
+                                    [targets[k] for k in with_rephrase], adaptor) if with_rephrase else []
+        with_loc = [k for k, i in enumerate(indices) if i in self.unedited_loc]
+        loc_values = agreement(
+            answer_predictions(model, tok, [chosen[k].locality_prompt or "" for k in with_loc],
+                               [chosen[k].locality_answer or "" for k in with_loc], adaptor),
+            [self.unedited_loc[indices[k]] for k in with_loc]) if with_loc else []
+        gen_em = generative_exact_match(model, tok, prompts, targets) if self.generative else [None] * len(chosen)
+        ppl = target_perplexity(model, tok, prompts, targets, adaptor)
+        return {
+            "rel": rel,
+            "gen": _scatter(len(chosen), with_rephrase, gen_values),
+            "loc": _scatter(len(chosen), with_loc, loc_values),
+            "gen_em": gen_em,
+            "ppl": ppl,
+            "routed": editor.route(prompts),
+            "routed_rephrase": _scatter(len(chosen), with_rephrase,
+                                        editor.route([chosen[k].rephrase or "" for k in with_rephrase])),
+        }
+
+
+def _scatter(n: int, positions: Sequence[int], values: Sequence[float]) -> list[float | None]:
+    out: list[float | None] = [None] * n
+    for k, v in zip(positions, values):
+        out[k] = v
+    return out
+
+
+def _mean_defined(values: Sequence[Any]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return mean(defined) if defined else None
+
+
+def _aggregate(scores: dict[str, list[Any]]) -> dict[str, float | None]:
+    return {k: _mean_defined(scores[k]) for k in ("rel", "gen", "loc", "gen_em", "ppl")}
+
+
+def run_bench(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[EditRecord],
+    settings: BenchSettings,
+    config: LEMoEConfig | None = None,
+    out_dir: str | Path | None = None,
+    on_batch: Callable[[EditReport], None] | None = None,
+) -> dict[str, Any]:
+    """Run one protocol end to end; returns summary.json's content and writes the result directory."""
+    if settings.T > len(records):
+        raise ValueError(f"T={settings.T} but the data holds only {len(records)} records")
+    records = list(records[: settings.T])
+    editor = LifelongEditor(model, tokenizer, config or LEMoEConfig())
+    try:
+        return _run(editor, model, tokenizer, records, settings, out_dir, on_batch)
+    finally:
+        editor.unload()
+
+
+def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list[EditRecord],
+         settings: BenchSettings, out_dir: str | Path | None,
+         on_batch: Callable[[EditReport], None] | None) -> dict[str, Any]:
+    started_all = time.perf_counter()
+    plan = plan_order(editor.pooled_prompts([r.prompt for r in records]), settings.batch_size, settings.order,
+                      settings.seed)
+    evaluator = Evaluator(model, tokenizer, records, settings.generative)
+    expert_of: dict[int, int] = {}
+    batch_of: dict[int, int] = {}
+    immediate: dict[int, dict[str, Any]] = {}
+    timeline: list[dict[str, Any]] = []
+    edit_seconds = 0.0
+    done: list[int] = []
+    for b, batch in enumerate(plan.batches):
+        report = editor.edit([records[i] for i in batch])
+        edit_seconds += report.seconds
+        done.extend(batch)
+        for i in batch:
+            expert_of[i], batch_of[i] = report.expert, b
+        row: dict[str, Any] = {"batch": b, "edits_so_far": len(done), "seconds": report.seconds,
+                               "steps": report.steps, "expert": report.expert}
+        if settings.protocol == "immediate":
+            scores = evaluator.evaluate(editor, batch)
+            for k, i in enumerate(batch):
+                immediate[i] = {key: values[k] for key, values in scores.items()}
+            row.update({f"immediate_{k}": v for k, v in _aggregate(scores).items()})
+        if settings.protocol == "curve" and ((b + 1) % settings.curve_every == 0 or b == len(plan.batches) - 1):
+            row.update({f"curve_{k}": v for k, v in _aggregate(evaluator.evaluate(editor, done)).items()})
+        timeline.append(row)
+        if on_batch is not None:
+            on_batch(report)
+    order = plan.order
+    final_scores = evaluator.evaluate(editor, order)
+    final = _aggregate(final_scores)
+    per_edit = []
+    for k, i in enumerate(order):
+        entry = {"index": i, "id": records[i].id, "prompt": records[i].prompt, "target": records[i].target,
+                 "batch": batch_of[i], "expert": expert_of[i], "routed_expert": final_scores["routed"][k],
+                 "rephrase_routed_expert": final_scores["routed_rephrase"][k],
+                 **{key: final_scores[key][k] for key in ("rel", "gen", "loc", "gen_em", "ppl")},
+                 "ppl_before": evaluator.ppl_before[i]}
+        if i in immediate:
+            entry.update({f"immediate_{key}": v for key, v in immediate[i].items() if not key.startswith("routed")})
+        per_edit.append(entry)
+    headline = _aggregate({key: [immediate[i][key] for i in order] for key in final}) \
+        if settings.protocol == "immediate" else final
+    summary = {
+        "method": settings.method,
+        "model": settings.model,
+        "data": settings.data,
+        "T": len(records),
+        "batch_size": settings.batch_size,
+        "order": settings.order,
+        "protocol": settings.protocol,
+        **{k: headline[k] for k in ("rel", "gen", "loc", "gen_em")},
+        "routing_consistency": editor.routing_consistency(),
+        "routed_to_own_expert": mean([float(p["routed_expert"] == p["expert"]) for p in per_edit]),
+        "rephrase_routed_to_own_expert": _mean_defined([float(p["rephrase_routed_expert"] == p["expert"])
+                                                        for p in per_edit if records[p["index"]].rephrase]),
+        "seconds_per_edit": edit_seconds / len(records),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seed": settings.seed,
+        "lemoe_version": __version__,
+        "final": final,
+        "immediate": _aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None,
+        "ppl_before": _mean_defined(evaluator.ppl_before),
+        "ppl_after": final["ppl"],
+        "metric_protocol": METRIC_PROTOCOL,
+        "within_batch_similarity": plan.within_batch_similarity,
+        "between_batch_similarity": plan.between_batch_similarity,
+        "experts": editor.num_experts,
+        "config": editor.config.to_dict(),
+        "threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - started_all,
+        "machine": f"{platform.system()} {platform.machine()}",
+        "torch_version": torch.__version__,
+        "git_commit": _git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if out_dir is not None:
+        write_results(Path(out_dir), summary, per_edit, timeline, settings)
+    return summary
+
+
+def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, Any]],
+                  timeline: list[dict[str, Any]], settings: BenchSettings) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "edits.jsonl", "w", encoding="utf-8") as handle:
+        for row in per_edit:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps({**summary, "settings": asdict(settings)}, indent=2) + "\n")
+    columns: list[str] = []
+    for row in timeline:
+        columns.extend(k for k in row if k not in columns)
+    with open(out / "timeline.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(timeline)
+    from .plots import plot_results
+
+    plot_results(out, summary, per_edit, timeline)
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent)
+        return result.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,0 +1,120 @@
+"""PNG figures of a benchmark run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_results(out: Path, summary: dict[str, Any], per_edit: Sequence[dict[str, Any]],
+                 timeline: Sequence[dict[str, Any]]) -> list[Path]:
+    return [
+        plot_reliability_over_time(out / "reliability_over_time.png", summary, per_edit, timeline),
+        plot_routing_heatmap(out / "routing_heatmap.png", per_edit, int(summary["experts"])),
+        plot_expert_usage(out / "expert_usage.png", per_edit, int(summary["experts"])),
+    ]
+
+
+def plot_reliability_over_time(path: Path, summary: dict[str, Any], per_edit: Sequence[dict[str, Any]],
+                               timeline: Sequence[dict[str, Any]]) -> Path:
+    """Final Rel of each batch's edits by batch; immediate Rel; the forgetting curve if recorded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_batch: dict[int, list[float]] = defaultdict(list)
+    for row in per_edit:
+        by_batch[row["batch"]].append(row["rel"])
+    edits_at = {row["batch"]: row["edits_so_far"] for row in timeline}
+    xs = sorted(by_batch)
+    ax.plot([edits_at[b] for b in xs], [sum(by_batch[b]) / len(by_batch[b]) for b in xs], "o-", ms=3,
+            label="Rel of this batch's edits, final model (final)")
+    if any("immediate_rel" in row for row in timeline):
+        ax.plot([r["edits_so_far"] for r in timeline], [r["immediate_rel"] for r in timeline], "s--", ms=3,
+                label="Rel right after its edit (immediate)")
+    curve = [r for r in timeline if r.get("curve_rel") is not None]
+    for key, style in (("rel", "-"), ("gen", ":"), ("loc", "-.")):
+        points = [(r["edits_so_far"], r.get(f"curve_{key}")) for r in curve if r.get(f"curve_{key}") is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=f"{key.capitalize()} of all edits so far (curve)")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("teacher-forced score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{summary['method']} on {Path(str(summary['data'])).name}: T={summary['T']}, "
+                 f"batch {summary['batch_size']}, {summary['order']} order")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_routing_heatmap(path: Path, per_edit: Sequence[dict[str, Any]], experts: int) -> Path:
+    """Rows: expert an edit was trained into; columns: expert its prompt (left) or its rephrase
+    (right) routes to on the final model; the last column counts deferred inputs."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, title in ((axes[0], "routed_expert", "edit prompts"),
+                           (axes[1], "rephrase_routed_expert", "rephrased prompts")):
+        counts = np.zeros((max(experts, 1), max(experts, 1) + 1))
+        for row in per_edit:
+            if key == "rephrase_routed_expert" and row.get("gen") is None:
+                continue  # no rephrase for this edit
+            routed = row.get(key)
+            counts[row["expert"], experts if routed is None else routed] += 1
+        image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_xlabel(f"expert routed to (column {experts} = deferred)")
+        ax.set_ylabel("expert trained on the edit")
+        ax.set_title(f"routing of {title}, final model")
+        fig.colorbar(image, ax=ax, label="edits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_usage(path: Path, per_edit: Sequence[dict[str, Any]], experts: int) -> Path:
+    plt = _pyplot()
+    usage = [0] * (experts + 1)
+    for row in per_edit:
+        routed = row["routed_expert"]
+        usage[experts if routed is None else routed] += 1
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(range(experts), usage[:experts], color="tab:blue", label="routed to expert")
+    ax.bar([experts], [usage[experts]], color="tab:gray", label="deferred")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("edit prompts routed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_order_sensitivity(path: Path, values: dict[str, Sequence[float]], metric: str = "rel") -> Path:
+    """One violin per order mode (e.g. five random orders) beside single runs (cluster order)."""
+    plt = _pyplot()
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    multi = [i for i, k in enumerate(labels) if len(values[k]) > 1]
+    if multi:
+        ax.violinplot([values[labels[i]] for i in multi], positions=[i + 1 for i in multi], showmeans=True)
+    for i, key in enumerate(labels):
+        ax.scatter([i + 1] * len(values[key]), values[key], color="black", s=10, zorder=3)
+    ax.set_xticks(range(1, len(labels) + 1), labels)
+    ax.set_ylabel(f"{metric} (final protocol)")
+    ax.set_title("order sensitivity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
