@@ -11,8 +11,9 @@ of its own prompts in our measurement (see docs/routing.md). Expert i scores
 s_i = max over its anchors of cos(anchor, v); it accepts the input when s_i >= t_i, its acceptance
 region, fitted to reject generic unrelated prompts and never wider than cosine `route_floor`.
 The top-k accepted experts fire, with gates renormalised over them, so adding an expert never
-rescales an older one's output. An input that no expert accepts gets exactly the base model's output. On an exact tie (the same prompt edited
-twice) the newer expert wins, so a later correction overrides an earlier one.
+rescales an older one's output. An input that no expert accepts gets exactly the base model's
+output. On an exact tie (the same prompt edited twice) the newer expert wins, so a later
+correction overrides an earlier one.
 """
 
 from __future__ import annotations
