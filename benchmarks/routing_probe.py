@@ -38,6 +38,35 @@ def separation(prompts: torch.Tensor, rephrases: torch.Tensor, unrelated: torch.
             "best_average_over_thresholds": sweep}
 
 
+def threshold_sweep(prompts: torch.Tensor, rephrases: torch.Tensor, unrelated: torch.Tensor,
+                    negatives: torch.Tensor, batch: int, settings: list[tuple[float, float]]) -> list[dict]:
+    """Per-expert regions (experts = consecutive batches of anchors), threshold = max(best generic
+    negative + margin, floor): share of rephrases routed to their own expert and of unrelated
+    prompts deferred. Unit-normalised inputs."""
+    n = prompts.shape[0]
+    owner = torch.arange(n) // batch
+    experts = int(owner.max()) + 1
+    negmax = torch.stack([(negatives @ prompts[owner == e].T).max() for e in range(experts)])
+
+    def route(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        sims = x @ prompts.T
+        scores = torch.full((x.shape[0], experts), -9.0).scatter_reduce(1, owner.expand(x.shape[0], -1), sims, "amax")
+        scores = scores.masked_fill(scores < thresholds, -9.0)
+        best, index = scores.max(dim=1)
+        return torch.where(best > -9.0, index, torch.full_like(index, -1))
+
+    rows = []
+    for margin, floor in settings:
+        thresholds = torch.clamp(negmax + margin, min=floor)
+        rows.append({"edits": n, "margin": margin, "floor": floor,
+                     "rephrase_routed": float((route(rephrases, thresholds) == owner).float().mean()),
+                     "unrelated_deferred": float((route(unrelated, thresholds) == -1).float().mean())})
+    return rows
+
+
+SWEEP = [(0.05, -1.0), (0.1, -1.0), (0.15, -1.0), (0.2, -1.0), (0.1, 0.45), (0.05, 0.5), (0.15, 0.5)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -79,9 +108,25 @@ def main() -> None:
                           f"  unrelated deferred {row['unrelated_deferred']:.2f}"
                           f"  best avg {row['best_average_over_thresholds']:.2f}", flush=True)
             editor.unload()
+    # region thresholds on the default layer, stream order, batches of 10
+    n_sweep = 100 if args.quick else 1000
+    sweep_data = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n_sweep]
+    editor = LifelongEditor(model, tok, LEMoEConfig())
+    negatives = editor.pooled_prompts(builtin_negatives())
+    P, R, U = (editor.pooled_prompts([r[k] for r in sweep_data]) for k in ("src", "rephrase", "loc"))
+    editor.unload()
+    stats_from = torch.cat([P[:10], negatives])
+    mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+    unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P, R, U, negatives)]
+    sweep = []
+    for T in sorted({100, n_sweep}):
+        for row in threshold_sweep(unit[0][:T], unit[1][:T], unit[2][:T], unit[3], 10, SWEEP):
+            sweep.append(row)
+            print(f"T={T} margin {row['margin']:.2f} floor {row['floor']:+.2f}: rephrase routed "
+                  f"{row['rephrase_routed']:.3f}  unrelated deferred {row['unrelated_deferred']:.3f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "routing_probe", "threads": args.threads, "margin": margin,
-                                          "rows": rows}, indent=2) + "\n")
+                                          "rows": rows, "threshold_sweep": sweep}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,10 @@ def test_load_model_from_a_local_directory(tmp_path, tokenizer):
 def test_load_model_refuses_hub_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot download from a model hub"):
         load_model("meta-llama/Llama-2-7b-hf")
+
+
+def test_load_model_refuses_an_unknown_dtype(tmp_path, tokenizer):
+    make_model("gpt2").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unknown dtype 'float33'"):
+        load_model(tmp_path, dtype="float33")

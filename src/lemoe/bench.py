@@ -30,8 +30,8 @@ from . import __version__
 from .config import LEMoEConfig
 from .data import EditRecord
 from .editor import EditReport, LifelongEditor
-from .metrics import (agreement, answer_predictions, generative_exact_match, mean, target_perplexity,
-                      token_accuracy)
+from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
+                      target_perplexity, token_accuracy)
 from .planning import ORDER_MODES, plan_order
 
 logger = logging.getLogger("lemoe")
@@ -83,7 +83,8 @@ class Evaluator:
         model, tok, adaptor = self.model, self.tokenizer, editor.adaptor
         chosen = [self.records[i] for i in indices]
         prompts, targets = [r.prompt for r in chosen], [r.target for r in chosen]
-        rel = token_accuracy(model, tok, prompts, targets, adaptor)
+        edit_scores = score_answers(model, tok, prompts, targets, adaptor)  # Rel and perplexity, one pass
+        rel = edit_scores.accuracy()
         with_rephrase = [k for k, r in enumerate(chosen) if r.rephrase]
         gen_values = token_accuracy(model, tok, [chosen[k].rephrase or "" for k in with_rephrase],
                                     [targets[k] for k in with_rephrase], adaptor) if with_rephrase else []
@@ -93,13 +94,12 @@ class Evaluator:
                                [chosen[k].locality_answer or "" for k in with_loc], adaptor),
             [self.unedited_loc[indices[k]] for k in with_loc]) if with_loc else []
         gen_em = generative_exact_match(model, tok, prompts, targets) if self.generative else [None] * len(chosen)
-        ppl = target_perplexity(model, tok, prompts, targets, adaptor)
         return {
             "rel": rel,
             "gen": _scatter(len(chosen), with_rephrase, gen_values),
             "loc": _scatter(len(chosen), with_loc, loc_values),
             "gen_em": gen_em,
-            "ppl": ppl,
+            "ppl": edit_scores.perplexity(),
             "routed": editor.route(prompts),
             "routed_rephrase": _scatter(len(chosen), with_rephrase,
                                         editor.route([chosen[k].rephrase or "" for k in with_rephrase])),

@@ -74,9 +74,11 @@ def _load(args: argparse.Namespace, name: str | None) -> tuple[Any, Any]:
 def _config_from(args: argparse.Namespace) -> Any:
     from .config import LEMoEConfig
 
-    overrides = {k: getattr(args, k) for k in ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
-                 if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
     return LEMoEConfig(**overrides)
+
+
+CONFIG_FLAGS = ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -89,19 +91,19 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import Evaluator
     from .data import EditRecord
     from .editor import LifelongEditor
-    from .metrics import agreement, answer_predictions, generative_exact_match, greedy_completions, mean, token_accuracy
+    from .metrics import greedy_completions, mean
 
     raw = json.loads(resources.files("lemoe").joinpath("resources/demo_edits.json").read_text(encoding="utf-8"))
     edits = [EditRecord.from_dict(r, f"demo record {i}") for i, r in enumerate(raw)][: args.n]
     model, tok = _load(args, args.model)
     prompts = [e.prompt for e in edits]
     loc_prompts = [e.locality_prompt or "" for e in edits]
-    loc_answers = [e.locality_answer or "" for e in edits]
     before = greedy_completions(model, tok, prompts, args.max_new_tokens)
     before_loc = greedy_completions(model, tok, loc_prompts, args.max_new_tokens)
-    base_loc_predictions = answer_predictions(model, tok, loc_prompts, loc_answers)
+    evaluator = Evaluator(model, tok, edits, generative=True)  # unedited locality answers, taken now
 
     editor = LifelongEditor(model, tok, _config_from(args), output_dir=args.out)
     started = time.perf_counter()
@@ -118,17 +120,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nUnrelated facts (must not change; each is a near neighbour of an edit, the hard case for routing):")
     print(_table([(p[:44], short(b), short(a)) for p, b, a in zip(loc_prompts, before_loc, after_loc)],
                  ["locality prompt", "before", "after"]))
-    adaptor = editor.adaptor
-    rel = token_accuracy(model, tok, prompts, [e.target for e in edits], adaptor)
-    gen = token_accuracy(model, tok, [e.rephrase or e.prompt for e in edits], [e.target for e in edits], adaptor)
-    loc = agreement(answer_predictions(model, tok, loc_prompts, loc_answers, adaptor), base_loc_predictions)
-    em = generative_exact_match(model, tok, prompts, [e.target for e in edits])
+    scores = evaluator.evaluate(editor, range(len(edits)))
     print(f"\nProtocol: final (all {len(edits)} edits applied in batches of {args.batch_size}, then evaluated)")
     print(_table([
-        ("Rel (reliability)", "teacher-forced", mean(rel)),
-        ("Gen (rephrases)", "teacher-forced", mean(gen)),
-        ("Loc (unrelated facts kept)", "teacher-forced", mean(loc)),
-        ("exact match of the target", "generative", mean(em)),
+        ("Rel (reliability)", "teacher-forced", mean(scores["rel"])),
+        ("Gen (rephrases)", "teacher-forced", mean([g for g in scores["gen"] if g is not None])),
+        ("Loc (unrelated facts kept)", "teacher-forced", mean([v for v in scores["loc"] if v is not None])),
+        ("exact match of the target", "generative", mean(scores["gen_em"])),
         ("routing consistency", "final", editor.routing_consistency()),
     ], ["metric", "protocol", "value"]))
     print(f"\n{len(edits)} edits in {seconds:.1f}s ({seconds / len(edits):.2f} s/edit), "
@@ -173,7 +171,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _has_overrides(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k, None) is not None for k in ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k"))
+    return any(getattr(args, k, None) is not None for k in CONFIG_FLAGS)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

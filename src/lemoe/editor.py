@@ -95,10 +95,6 @@ class LifelongEditor:
         return self.adaptor.num_experts
 
     @property
-    def num_batches(self) -> int:
-        return self.num_experts
-
-    @property
     def device(self) -> torch.device:
         return next(self.adaptor.base_layer.parameters()).device
 

@@ -10,7 +10,7 @@ token) and an uncached one (which sees the whole sequence again) route alike.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -73,7 +73,6 @@ class RoutingState:
     call_seen: bool = False
     cached_ids: torch.Tensor | None = None
     cached_route: Route | None = None
-    last_route: Route | None = field(default=None, repr=False)
 
 
 class LEMoELayer(nn.Module):
@@ -197,7 +196,6 @@ class LEMoELayer(nn.Module):
             self._consume_call()
             return base_out
         route = self._route_for(x)
-        self.routing.last_route = route
         out = base_out
         for expert_id in torch.unique(route.experts[route.experts >= 0]).tolist():
             rows, slots = (route.experts == expert_id).nonzero(as_tuple=True)

@@ -13,6 +13,7 @@ Routing is decided on the prompt tokens only, as it is at generation time.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, ContextManager, Sequence
 
 import torch
@@ -27,64 +28,67 @@ def _routing_context(adaptor: LEMoELayer | None, mask: torch.Tensor) -> ContextM
     return adaptor.prompt_positions(mask) if adaptor is not None else nullcontext()
 
 
+@dataclass
+class AnswerScores:
+    """Teacher-forced scores of (prompt, answer) pairs, per pair one entry per answer token."""
+
+    predictions: list[torch.Tensor]  # the model's argmax token
+    targets: list[torch.Tensor]  # the answer token
+    nll: list[torch.Tensor]  # -log p(answer token)
+
+    def accuracy(self) -> list[float]:
+        """Per pair, the fraction of answer tokens that are the argmax: Rel (or Gen on rephrases)."""
+        return [float((p == t).float().mean()) for p, t in zip(self.predictions, self.targets)]
+
+    def perplexity(self) -> list[float]:
+        """Per pair, exp(mean NLL of the answer tokens): the hallucination-set measure."""
+        return [float(torch.exp(n.mean())) for n in self.nll]
+
+
 @torch.no_grad()
-def answer_predictions(
+def score_answers(
     model: nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
     answers: Sequence[str],
     adaptor: LEMoELayer | None = None,
     batch_size: int = 16,
-) -> list[torch.Tensor]:
-    """Per pair, the argmax token at every answer position (teacher-forced)."""
+) -> AnswerScores:
+    """One batched teacher-forced pass over the pairs, logits at answer positions only."""
     device = model.get_input_embeddings().weight.device
-    out: list[torch.Tensor] = []
+    scores = AnswerScores([], [], [])
     for start in range(0, len(prompts), batch_size):
         batch = encode_pairs(tokenizer, prompts[start : start + batch_size], answers[start : start + batch_size],
                              max_context(model)).to(device)
         with _routing_context(adaptor, batch.prompt_mask):
-            predicted = answer_logits(model, batch).argmax(dim=-1).cpu()  # (N,)
-        rows = batch.rows.cpu()
-        out.extend(predicted[rows == row] for row in range(batch.size))
-    return out
+            logits = answer_logits(model, batch)  # (N, V)
+        predicted = logits.argmax(dim=-1).cpu()
+        nll = F.cross_entropy(logits, batch.targets, reduction="none").cpu()
+        rows, targets = batch.rows.cpu(), batch.targets.cpu()
+        for row in range(batch.size):
+            here = rows == row
+            scores.predictions.append(predicted[here])
+            scores.targets.append(targets[here])
+            scores.nll.append(nll[here])
+    return scores
 
 
-def token_accuracy(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    adaptor: LEMoELayer | None = None,
-    batch_size: int = 16,
-) -> list[float]:
+def answer_predictions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                       adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per pair, the argmax token at every answer position (teacher-forced): what Loc compares."""
+    return score_answers(model, tokenizer, prompts, answers, adaptor, batch_size).predictions
+
+
+def token_accuracy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                   adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[float]:
     """Per pair, the fraction of answer tokens that are the argmax: Rel (or Gen on rephrases)."""
-    predictions = answer_predictions(model, tokenizer, prompts, answers, adaptor, batch_size)
-    return [float((pred == torch.tensor(encode_answer(tokenizer, ans))).float().mean())
-            for pred, ans in zip(predictions, answers)]
+    return score_answers(model, tokenizer, prompts, answers, adaptor, batch_size).accuracy()
 
 
-@torch.no_grad()
-def target_perplexity(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    adaptor: LEMoELayer | None = None,
-    batch_size: int = 16,
-) -> list[float]:
-    """Per pair, exp(mean NLL of the target tokens given the prompt): the hallucination-set measure."""
-    device = model.get_input_embeddings().weight.device
-    out: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_pairs(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size],
-                             max_context(model)).to(device)
-        with _routing_context(adaptor, batch.prompt_mask):
-            nll = F.cross_entropy(answer_logits(model, batch), batch.targets, reduction="none").cpu()  # (N,)
-        rows = batch.rows.cpu()
-        totals = torch.zeros(batch.size).index_add_(0, rows, nll)
-        counts = torch.zeros(batch.size).index_add_(0, rows, torch.ones_like(nll))
-        out.extend(torch.exp(totals / counts).tolist())
-    return out
+def target_perplexity(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                      adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[float]:
+    """Per pair, exp(mean NLL of the target tokens given the prompt)."""
+    return score_answers(model, tokenizer, prompts, targets, adaptor, batch_size).perplexity()
 
 
 def agreement(edited: Sequence[torch.Tensor], unedited: Sequence[torch.Tensor]) -> list[float]:
@@ -132,11 +136,13 @@ def mean(values: Sequence[float]) -> float:
 
 
 __all__ = [
+    "AnswerScores",
     "agreement",
     "answer_predictions",
     "generative_exact_match",
     "greedy_completions",
     "mean",
+    "score_answers",
     "target_perplexity",
     "token_accuracy",
 ]

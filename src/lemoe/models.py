@@ -214,7 +214,10 @@ def load_model(
 
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        dtype = resolved
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
