@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,13 +72,6 @@ def _generate(model, tok, ids, new_tokens: int) -> None:
                    pad_token_id=tok.pad_token_id)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON result file")
@@ -96,6 +88,7 @@ def main() -> None:
 
     import lemoe
     from lemoe import LifelongEditor, load_model
+    from lemoe.bench import git_commit
 
     model, tok = load_model()
     trained_edits = 50 if args.quick else args.experts * args.batch_size

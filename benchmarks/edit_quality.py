@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ def main() -> None:
 
     import lemoe
     from lemoe import EditRecord, LEMoEConfig, LifelongEditor, load_model
+    from lemoe.bench import git_commit
     from lemoe.metrics import agreement, answer_predictions, generative_exact_match, mean, token_accuracy
 
     rows = json.loads(Path(args.data).read_text())[: args.T]
@@ -76,7 +76,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "lemoe_version": lemoe.__version__,
         "torch_version": torch.__version__,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": f"python benchmarks/edit_quality.py --T {args.T} --batch-size {args.batch_size} --out {args.out}",
     }

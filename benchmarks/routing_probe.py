@@ -98,7 +98,8 @@ def main() -> None:
                 P, R, U = (editor.pooled_prompts(x) for x in (p, r, u))
                 stats_from = torch.cat([P[:10], negatives])  # as the router: first batch + negatives
                 mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
-                spaces = {"raw": lambda x: x, "centred": lambda x: x - mu, "standardised": lambda x: (x - mu) / sd}
+                spaces = {"raw": lambda x: x, "centred": lambda x, mu=mu: x - mu,
+                          "standardised": lambda x, mu=mu, sd=sd: (x - mu) / sd}
                 for space, f in spaces.items():
                     unit = [F.normalize(f(x), dim=-1) for x in (P, R, U, negatives)]
                     row = {"layer": layer, "pooling": pooling, "space": space, "data": name, "edits": len(p),

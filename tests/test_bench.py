@@ -15,6 +15,7 @@ from conftest import make_model, records, tiny_config
 from lemoe.bench import BenchSettings, run_bench
 from lemoe.metrics import agreement, answer_predictions, target_perplexity, token_accuracy
 from lemoe.planning import kmeans, plan_order
+from lemoe.plots import plot_order_sensitivity
 
 # ----------------------------------------------------------------------------- planning
 
@@ -155,3 +156,9 @@ def test_target_perplexity_by_hand():
     ppl = target_perplexity(model, tok, ["1", "1"], ["2 3", "2 9"])
     assert ppl[0] == pytest.approx(math.exp(right), rel=1e-5)
     assert ppl[1] == pytest.approx(math.exp((right + wrong) / 2), rel=1e-5)
+
+
+def test_order_sensitivity_figure(tmp_path):
+    path = plot_order_sensitivity(tmp_path / "order.png", {"random (5 orders)": [0.91, 0.95, 0.88, 0.93, 0.9],
+                                                           "cluster": [0.97]})
+    assert path.stat().st_size > 1000

@@ -218,7 +218,7 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         "wall_seconds": time.perf_counter() - started_all,
         "machine": f"{platform.system()} {platform.machine()}",
         "torch_version": torch.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if out_dir is not None:
@@ -245,7 +245,8 @@ def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, A
     plot_results(out, summary, per_edit, timeline)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """HEAD of the lemoe checkout, recorded with every result."""
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).resolve().parent)

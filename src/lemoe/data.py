@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 _TEXT_FIELDS = ("prompt", "target", "rephrase", "locality_prompt", "locality_answer", "subject", "id")
 
@@ -290,9 +290,3 @@ def read_edits(path: str | Path, format: str | None = None) -> list[EditRecord]:
             raise DataError(f"{where}: missing field {missing[0]!r} (file read as {fmt.name} format)")
         records.append(fmt.convert(item, where))
     return records
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

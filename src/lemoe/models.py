@@ -86,10 +86,6 @@ def decoder_layers(model: nn.Module, layout: FFNLayout | None = None) -> nn.Modu
     return _get_path(model, layout.layers_path)
 
 
-def num_decoder_layers(model: nn.Module) -> int:
-    return len(decoder_layers(model))
-
-
 def base_model_identity(model: nn.Module) -> dict[str, Any]:
     """What an adapter records about the model it was made for, to refuse loading onto another."""
     cfg = model.config
