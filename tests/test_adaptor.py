@@ -200,3 +200,19 @@ def test_a_call_that_bypasses_the_model_hook_routes_afresh(tokenizer):
         editor.adaptor.reset_routing_cache()
         expected = model.model(**other).last_hidden_state
     assert torch.equal(out, expected)
+
+
+def test_refit_statistics_moves_values_but_never_the_frozen_anchors(tokenizer):
+    frozen = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2))
+    refit = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2, value_statistics="refit"))
+    for editor in (frozen, refit):
+        editor.edit(records(3))
+        centre, first_anchors = editor.adaptor.router.center.clone(), editor.adaptor.router.anchors.clone()
+        editor.edit(records(3, offset=3))
+        router = editor.adaptor.router
+        assert torch.equal(router.anchors[:3], first_anchors)  # keys never move
+        assert torch.equal(router.center, centre) == (editor is frozen)
+    # with frozen statistics a stored prompt's value is exactly its anchor
+    router = frozen.adaptor.router
+    assert torch.equal(router.value(router.anchor_pooled), router.anchors)
+    assert frozen.routing_consistency() == 1.0

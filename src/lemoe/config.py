@@ -42,6 +42,12 @@ class LEMoEConfig:
     pooling: Pooling = field(
         default="mean", metadata={"help": "how a prompt becomes one vector: mean of its tokens, or its last token"}
     )
+    value_statistics: Literal["frozen", "refit"] = field(
+        default="frozen",
+        metadata={"help": "'frozen': the value standardisation is fitted at the first edit and never changes "
+                  "(consistent routing); 'refit': re-fitted on every batch, a router that keeps training, so "
+                  "old prompts drift away from their frozen anchors (the paper's inconsistent-routing diagnosis)"},
+    )
     deferral: bool = field(
         default=True,
         metadata={"help": "per-expert acceptance regions: inputs outside all of them get the base model's output"},
@@ -69,6 +75,8 @@ class LEMoEConfig:
             raise ValueError(f"layer must be a non-negative int or None, got {self.layer!r}")
         if self.expert not in _EXPERT_KINDS:
             raise ValueError(f"expert must be one of {_EXPERT_KINDS}, got {self.expert!r}")
+        if self.value_statistics not in ("frozen", "refit"):
+            raise ValueError(f"value_statistics must be 'frozen' or 'refit', got {self.value_statistics!r}")
         if self.pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
         for name in ("lora_rank", "top_k", "max_steps"):

@@ -125,6 +125,8 @@ class LifelongEditor:
         first = self.num_experts == 0
         if first and not bool(router.stats_fitted):
             router.fit_statistics(torch.cat([pooled, negatives], dim=0))
+        elif self.config.value_statistics == "refit":  # diagnosis mode: the value function keeps moving
+            router.fit_statistics(torch.cat([router.anchor_pooled, pooled, negatives], dim=0))
         # 2. a new zero expert, then its key (frozen anchors) and acceptance region
         expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
         try:
@@ -219,11 +221,12 @@ class LifelongEditor:
         return self.adaptor.route(self.pooled_prompts(prompts)).top1()
 
     def routing_consistency(self) -> float:
-        """Share of stored edits whose prompt (its frozen anchor) routes to the expert trained on it."""
+        """Share of stored edits whose prompt routes to the expert trained on it, through the current
+        value function (with frozen statistics the same values as the anchors themselves)."""
         router = self.adaptor.router
         if router.anchors.shape[0] == 0:
             return float("nan")
-        routed = router.route_values(router.anchors, self.config.top_k, self.config.deferral).experts[:, 0]
+        routed = self.adaptor.route(router.anchor_pooled).experts[:, 0]
         return float((routed == router.anchor_experts).float().mean())
 
     # ------------------------------------------------------------------ state
@@ -313,7 +316,7 @@ class LifelongEditor:
         for _ in range(state.num_experts):
             self.adaptor.add_expert(self.adaptor.new_expert())
         router = self.adaptor.router
-        for name in ("anchors", "anchor_experts", "thresholds"):
+        for name in ("anchors", "anchor_pooled", "anchor_experts", "thresholds"):
             key = f"router.{name}"
             if key not in tensors:
                 raise AdapterError(f"adapter tensors lack {key!r}")

@@ -58,6 +58,7 @@ class KVAnchorRouter(nn.Module):
         self.register_buffer("scale", torch.ones(hidden_size))
         self.register_buffer("stats_fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("anchors", torch.zeros(0, hidden_size))  # (E, d) unit values, one per edit
+        self.register_buffer("anchor_pooled", torch.zeros(0, hidden_size))  # (E, d) the prompts' pooled vectors
         self.register_buffer("anchor_experts", torch.zeros(0, dtype=torch.long))  # (E,) owner expert
         self.register_buffer("thresholds", torch.zeros(0))  # (N,) one acceptance threshold per expert
 
@@ -138,6 +139,7 @@ class KVAnchorRouter(nn.Module):
             threshold = float("-inf")
         owners = torch.full((anchors.shape[0],), expert, dtype=torch.long, device=anchors.device)
         self.anchors = torch.cat([self.anchors, anchors], dim=0)
+        self.anchor_pooled = torch.cat([self.anchor_pooled, positives.detach().float()], dim=0)
         self.anchor_experts = torch.cat([self.anchor_experts, owners])
         self.thresholds = torch.cat([self.thresholds, self.thresholds.new_tensor([threshold])])
         rejected = float((neg_scores < threshold).float().mean()) if neg_scores.numel() else 1.0
@@ -147,6 +149,7 @@ class KVAnchorRouter(nn.Module):
         """Drop every expert index >= num_experts (rollback)."""
         keep = self.anchor_experts < num_experts
         self.anchors = self.anchors[keep].clone()
+        self.anchor_pooled = self.anchor_pooled[keep].clone()
         self.anchor_experts = self.anchor_experts[keep].clone()
         self.thresholds = self.thresholds[:num_experts].clone()
         if num_experts == 0:
