@@ -78,7 +78,8 @@ def main() -> None:
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/edit_quality.py --T {args.T} --batch-size {args.batch_size} --out {args.out}",
+        "command": f"python benchmarks/edit_quality.py --T {args.T} --batch-size {args.batch_size} --out {args.out}"
+                   + (f" --config '{args.config}'" if json.loads(args.config) else ""),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
