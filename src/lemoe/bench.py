@@ -186,8 +186,8 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         if i in immediate:
             entry.update({f"immediate_{key}": v for key, v in immediate[i].items() if not key.startswith("routed")})
         per_edit.append(entry)
-    headline = _aggregate({key: [immediate[i][key] for i in order] for key in final}) \
-        if settings.protocol == "immediate" else final
+    immediate_scores = _aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None
+    headline = immediate_scores if immediate_scores is not None else final
     summary = {
         "method": settings.method,
         "model": settings.model,
@@ -206,7 +206,7 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         "seed": settings.seed,
         "lemoe_version": __version__,
         "final": final,
-        "immediate": _aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None,
+        "immediate": immediate_scores,
         "ppl_before": _mean_defined(evaluator.ppl_before),
         "ppl_after": final["ppl"],
         "metric_protocol": METRIC_PROTOCOL,

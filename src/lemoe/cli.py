@@ -209,9 +209,9 @@ METRIC_LABELS = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teach
 def cmd_generate(args: argparse.Namespace) -> int:
     from .editor import LifelongEditor
     from .metrics import greedy_completions
-    from .persistence import load_adapter
+    from .persistence import read_adapter_state
 
-    state, _ = load_adapter(args.adapter)
+    state = read_adapter_state(args.adapter)
     model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
     editor = LifelongEditor.load(model, tok, args.adapter)
     routes = editor.route(args.prompts)
@@ -257,9 +257,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from .editor import LifelongEditor
-    from .persistence import load_adapter
+    from .persistence import read_adapter_state
 
-    state, _ = load_adapter(args.adapter)
+    state = read_adapter_state(args.adapter)
     model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
     editor = LifelongEditor.load(model, tok, args.adapter, output_dir=args.adapter)
     removed = editor.rollback(args.batches)

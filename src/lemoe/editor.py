@@ -321,16 +321,16 @@ class LifelongEditor:
             if key not in tensors:
                 raise AdapterError(f"adapter tensors lack {key!r}")
             setattr(router, name, torch.empty_like(tensors[key], device=self.device))
-        expected = set(self.adapter_tensors())
-        missing, unexpected = expected - set(tensors), set(tensors) - expected
+        expected = self.adapter_tensors()  # built once: it walks every expert
+        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
             raise AdapterError(
                 f"adapter tensors do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         for name, tensor in tensors.items():
-            if self.adapter_tensors()[name].shape != tensor.shape:
+            if expected[name].shape != tensor.shape:
                 raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                   f"{tuple(self.adapter_tensors()[name].shape)}")
+                                   f"{tuple(expected[name].shape)}")
         self.adaptor.load_state_dict({**self.adaptor.base_layer.state_dict(prefix="base_layer."), **tensors})
         if router.num_experts != state.num_experts or int(router.anchor_experts.shape[0]) != len(state.edits):
             raise AdapterError("adapter is inconsistent: expert or edit counts differ between tensors and metadata")

@@ -173,7 +173,7 @@ class LEMoELayer(nn.Module):
             mask = torch.ones(batch, length, device=x.device)
         route = self.route(self.router.pool(x, mask[:, -length:]))
         state.cached_route = route
-        state.cached_ids = ids.detach().clone() if (seen and ids is not None and ids.shape[1] == length) else None
+        state.cached_ids = ids.detach().clone() if (seen and ids is not None) else None  # same length: checked above
         return route
 
     def _consume_call(self) -> tuple[bool, bool, torch.Tensor | None, torch.Tensor | None]:

@@ -114,7 +114,15 @@ def has_adapter(directory: str | Path) -> bool:
 
 def load_adapter(directory: str | Path) -> tuple[AdapterState, dict[str, torch.Tensor]]:
     """Read and check an adapter directory; repair stale readable views from the weights' metadata."""
-    directory = Path(directory)
+    return _read_adapter(Path(directory), with_tensors=True)
+
+
+def read_adapter_state(directory: str | Path) -> AdapterState:
+    """The checked state of an adapter directory without reading its tensors (e.g. to find its base model)."""
+    return _read_adapter(Path(directory), with_tensors=False)[0]
+
+
+def _read_adapter(directory: Path, with_tensors: bool) -> tuple[AdapterState, dict[str, torch.Tensor]]:
     weights = directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise AdapterError(f"{directory}: no such adapter directory")
@@ -123,7 +131,7 @@ def load_adapter(directory: str | Path) -> tuple[AdapterState, dict[str, torch.T
     try:
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if with_tensors else {}
     except Exception as err:  # safetensors raises its own error types for truncated headers and data
         raise AdapterError(f"{weights}: corrupted or truncated safetensors file ({err})") from None
     if metadata.get("format") != FORMAT_NAME:
