@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import make_model, records, tiny_config
-from lemoe.bench import BenchSettings, run_bench
+from lemoe.bench import BenchSettings, run_bench, run_order_sensitivity
 from lemoe.metrics import agreement, answer_predictions, target_perplexity, token_accuracy
 from lemoe.planning import kmeans, plan_order
 from lemoe.plots import plot_order_sensitivity
@@ -95,6 +95,25 @@ def test_same_seed_gives_the_same_numbers(tokenizer, tmp_path):
     assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
 
 
+def test_order_sensitivity_runs_every_order(tokenizer, tmp_path):
+    model = make_model("llama")
+    settings = BenchSettings(data="tiny", T=12, batch_size=4, seed=3)
+    result = run_order_sensitivity(model, tokenizer, records(12), settings, random_orders=2,
+                                   config=tiny_config(max_steps=6), out_dir=tmp_path)
+    assert [(r["order"], r["seed"]) for r in result["runs"]] == [("random", 3), ("random", 4), ("cluster", 3)]
+    saved = json.loads((tmp_path / "order_sensitivity.json").read_text())
+    assert saved["runs"] == result["runs"]
+    for name in ("random_seed3", "random_seed4", "cluster"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["order"] == name.split("_")[0] and summary["T"] == 12
+    rels = [r["rel"] for r in result["runs"][:2]]
+    assert result["spread"]["random"]["rel"]["min"] == min(rels)
+    assert result["spread"]["random"]["rel"]["max"] == max(rels)
+    assert (tmp_path / "order_sensitivity.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="random_orders must be >= 1"):
+        run_order_sensitivity(model, tokenizer, records(12), settings, random_orders=0)
+
+
 def test_t_larger_than_the_data_is_refused(tokenizer):
     with pytest.raises(ValueError, match="T=30 but the data holds only 4"):
         run_bench(make_model("llama"), tokenizer, records(4), BenchSettings(data="x", T=30))
@@ -159,6 +178,7 @@ def test_target_perplexity_by_hand():
 
 
 def test_order_sensitivity_figure(tmp_path):
-    path = plot_order_sensitivity(tmp_path / "order.png", {"random (5 orders)": [0.91, 0.95, 0.88, 0.93, 0.9],
-                                                           "cluster": [0.97]})
+    path = plot_order_sensitivity(tmp_path / "order.png", {
+        "rel": {"random (5)": [0.91, 0.95, 0.88, 0.93, 0.9], "cluster": [0.97]},
+        "gen": {"random (5)": [0.71, 0.75, 0.68, 0.73, 0.7], "cluster": [0.77]}})
     assert path.stat().st_size > 1000

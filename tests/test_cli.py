@@ -73,3 +73,15 @@ def test_help_teaches(capsys):
     with pytest.raises(SystemExit):
         main(["edit", "--help"])
     assert "resumes where it stopped" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_order_sensitivity(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "orders"
+    code = main(["bench", "--data", str(data_file), "--T", "6", "--batch-size", "2", "--order-sensitivity", "2",
+                 "--no-generative", "--out", str(out), "--model", str(model_dir), "--layer", "1", "--max-steps", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "random_seed0" in printed and "random_seed1" in printed and "cluster" in printed
+    result = json.loads((out / "order_sensitivity.json").read_text())
+    assert [r["run"] for r in result["runs"]] == ["random_seed0", "random_seed1", "cluster"]
+    assert (out / "order_sensitivity.png").exists() and (out / "cluster" / "summary.json").exists()

@@ -18,7 +18,7 @@ import platform
 import resource
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -224,6 +224,66 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
     if out_dir is not None:
         write_results(Path(out_dir), summary, per_edit, timeline, settings)
     return summary
+
+
+def run_order_sensitivity(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[EditRecord],
+    settings: BenchSettings,
+    random_orders: int,
+    config: LEMoEConfig | None = None,
+    out_dir: str | Path | None = None,
+    on_batch: Callable[[EditReport], None] | None = None,
+) -> dict[str, Any]:
+    """The same edits in `random_orders` random orders (seeds seed..seed+N-1) and in cluster order.
+
+    Each run is a full `run_bench` with its own result directory (`random_seed{S}/`, `cluster/`);
+    `order_sensitivity.json` gathers their final scores and `order_sensitivity.png` draws them.
+    """
+    if random_orders < 1:
+        raise ValueError(f"random_orders must be >= 1, got {random_orders}")
+    root = Path(out_dir) if out_dir is not None else None
+    runs: list[dict[str, Any]] = []
+    plans = [("random", settings.seed + k) for k in range(random_orders)] + [("cluster", settings.seed)]
+    for order, seed in plans:
+        name = f"random_seed{seed}" if order == "random" else "cluster"
+        run_settings = replace(settings, order=order, seed=seed)
+        summary = run_bench(model, tokenizer, records, run_settings, config,
+                            root / name if root is not None else None, on_batch)
+        runs.append({"run": name, "order": order, "seed": seed, "protocol": settings.protocol,
+                     **{k: summary["final"][k] for k in ("rel", "gen", "loc", "gen_em")},
+                     "routing_consistency": summary["routing_consistency"],
+                     "within_batch_similarity": summary["within_batch_similarity"],
+                     "between_batch_similarity": summary["between_batch_similarity"],
+                     "seconds_per_edit": summary["seconds_per_edit"]})
+    spread: dict[str, dict[str, dict[str, float]]] = {}
+    for order in ("random", "cluster"):
+        chosen = [r for r in runs if r["order"] == order]
+        spread[order] = {}
+        for metric in ("rel", "gen", "loc", "gen_em"):
+            values = [r[metric] for r in chosen if r[metric] is not None]
+            if values:
+                tensor = torch.tensor(values, dtype=torch.float64)
+                spread[order][metric] = {"mean": float(tensor.mean()), "min": float(tensor.min()),
+                                         "max": float(tensor.max()),
+                                         "std": float(tensor.std()) if len(values) > 1 else 0.0}
+    result = {"benchmark": "order_sensitivity", "method": settings.method, "model": settings.model,
+              "data": settings.data, "T": min(settings.T, len(records)),
+              "batch_size": settings.batch_size, "metric_protocol": "final (teacher-forced; gen_em generative)",
+              "random_orders": random_orders, "runs": runs, "spread": spread, "lemoe_version": __version__,
+              "git_commit": git_commit()}
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "order_sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+        from .plots import plot_order_sensitivity
+
+        label = f"random ({random_orders})"
+        plot_order_sensitivity(root / "order_sensitivity.png", {
+            metric: {label: [r[metric] for r in runs if r["order"] == "random"],
+                     "cluster": [r[metric] for r in runs if r["order"] == "cluster"]}
+            for metric in ("rel", "gen", "loc")})
+    return result
 
 
 def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, Any]],

@@ -183,6 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              generative=not args.no_generative, model=args.model or "smollm2-135m")
     records = read_edits(args.data, format=args.format)
     model, tok = _load(args, args.model)
+    if args.order_sensitivity:
+        return _bench_order_sensitivity(args, model, tok, records, settings)
     with _progress(min(args.T, len(records)), f"editing ({args.protocol}, {args.order} order)") as bar:
         summary = run_bench(model, tok, records, settings, _config_from(args), args.out,
                             on_batch=lambda report: bar.update(report.num_edits))
@@ -200,6 +202,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ]
     print(_table(rows, ["metric", "protocol", "value"]))
     print(f"results: {args.out} (summary.json, edits.jsonl, timeline.csv, *.png)")
+    return 0
+
+
+def _bench_order_sensitivity(args: argparse.Namespace, model: Any, tok: Any, records: list[Any],
+                             settings: Any) -> int:
+    from .bench import run_order_sensitivity
+
+    runs = args.order_sensitivity + 1
+    with _progress(min(args.T, len(records)) * runs, f"editing ({runs} orders, {args.protocol})") as bar:
+        result = run_order_sensitivity(model, tok, records, settings, args.order_sensitivity, _config_from(args),
+                                       args.out, on_batch=lambda report: bar.update(report.num_edits))
+    print(f"\norder sensitivity on {Path(args.data).name}: T={result['T']}, batch {result['batch_size']}, "
+          "final protocol scores (teacher-forced; exact match generative)")
+    rows = [(r["run"], *(("-" if r[k] is None else f"{r[k]:.3f}") for k in ("rel", "gen", "loc", "gen_em")),
+             f"{r['within_batch_similarity']:.3f}") for r in result["runs"]]
+    print(_table(rows, ["run", "rel", "gen", "loc", "exact match", "within-batch sim"]))
+    print(f"results: {args.out} (order_sensitivity.json, order_sensitivity.png, one directory per run)")
     return 0
 
 
@@ -328,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "curve: all edits so far every --curve-every batches")
     bench.add_argument("--curve-every", type=int, default=1, help="batches between curve evaluations")
     bench.add_argument("--no-generative", action="store_true", help="skip greedy-decoding exact match (faster)")
+    bench.add_argument("--order-sensitivity", type=int, default=0, metavar="N",
+                       help="instead of one run: N random orders (seeds S..S+N-1) and the cluster order, each in "
+                       "OUT/<run>/, with order_sensitivity.json and a violin plot in OUT")
     bench.add_argument("--out", required=True, help="result directory")
     bench.set_defaults(func=cmd_bench)
 

@@ -101,19 +101,23 @@ def plot_expert_usage(path: Path, per_edit: Sequence[dict[str, Any]], experts: i
     return path
 
 
-def plot_order_sensitivity(path: Path, values: dict[str, Sequence[float]], metric: str = "rel") -> Path:
-    """One violin per order mode (e.g. five random orders) beside single runs (cluster order)."""
+def plot_order_sensitivity(path: Path, values: dict[str, dict[str, Sequence[float]]]) -> Path:
+    """Per metric, one violin for each multi-run order mode (e.g. five random orders) beside
+    single runs (cluster order) as points. `values[metric][order label]` = one value per run."""
     plt = _pyplot()
-    labels = list(values)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    multi = [i for i, k in enumerate(labels) if len(values[k]) > 1]
-    if multi:
-        ax.violinplot([values[labels[i]] for i in multi], positions=[i + 1 for i in multi], showmeans=True)
-    for i, key in enumerate(labels):
-        ax.scatter([i + 1] * len(values[key]), values[key], color="black", s=10, zorder=3)
-    ax.set_xticks(range(1, len(labels) + 1), labels)
-    ax.set_ylabel(f"{metric} (final protocol)")
-    ax.set_title("order sensitivity")
+    metrics = list(values)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        by_order = values[metric]
+        labels = list(by_order)
+        multi = [i for i, k in enumerate(labels) if len(by_order[k]) > 1]
+        if multi:
+            ax.violinplot([by_order[labels[i]] for i in multi], positions=[i + 1 for i in multi], showmeans=True)
+        for i, key in enumerate(labels):
+            ax.scatter([i + 1] * len(by_order[key]), by_order[key], color="black", s=10, zorder=3)
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+        ax.set_title(f"{metric} (final, teacher-forced)", fontsize=9)
+    fig.suptitle("order sensitivity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
