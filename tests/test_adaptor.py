@@ -216,3 +216,44 @@ def test_refit_statistics_moves_values_but_never_the_frozen_anchors(tokenizer):
     router = frozen.adaptor.router
     assert torch.equal(router.value(router.anchor_pooled), router.anchors)
     assert frozen.routing_consistency() == 1.0
+
+
+def test_routing_from_a_lower_layer(tokenizer):
+    """route_layer < layer: the value is pooled from the lower layer's FFN input, in every path
+    (edit, route(), teacher-forced scoring, cached and uncached generation)."""
+    from lemoe.metrics import token_accuracy
+
+    model = make_model("llama")
+    editor = LifelongEditor(model, tokenizer, tiny_config(layer=2, route_layer=0, max_steps=150))
+    assert editor.route_layer_idx == 0 and editor.adaptor.routes_elsewhere
+    seen: list[torch.Tensor] = []
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    pooled = editor.pooled_prompts([PROBES[0]])
+    handle.remove()
+    assert torch.allclose(pooled[0], seen[-1][0].mean(dim=0), atol=1e-6)
+
+    first, second = records(2), records(2, offset=2)
+    editor.edit(first)
+    editor.edit(second)
+    prompts = [r.prompt for r in first + second]
+    assert editor.route(prompts) == [0, 0, 1, 1]
+    rel = token_accuracy(model, tokenizer, prompts, [r.target for r in first + second], editor.adaptor)
+    assert min(rel) == 1.0
+    for record in first[:1] + second[:1]:
+        ids = tokenizer(record.prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(model.generate(**ids, use_cache=True, **kwargs),
+                           model.generate(**ids, use_cache=False, **kwargs))
+    editor.unload()
+    assert not model.model.layers[0].mlp._forward_pre_hooks  # the tap is gone with the adaptor
+
+
+def test_route_layer_above_the_adaptor_layer_is_refused(tokenizer):
+    import pytest
+
+    from lemoe import LEMoEConfig
+
+    with pytest.raises(ValueError, match="route_layer \\(3\\) must not be above layer \\(1\\)"):
+        LEMoEConfig(layer=1, route_layer=3)
+    with pytest.raises(ValueError, match="must not be above layer"):
+        LifelongEditor(make_model("qwen2"), tokenizer, LEMoEConfig(route_layer=3))  # default layer: 2 of 3

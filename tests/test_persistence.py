@@ -177,6 +177,24 @@ def test_newer_format_version_is_refused(tokenizer, tmp_path, monkeypatch):
         LifelongEditor.load(make_model("llama"), tokenizer, tmp_path)
 
 
+def test_format_1_adapter_routes_from_its_own_layer(tokenizer, tmp_path, monkeypatch):
+    """Format 1 had no route_layer: it routed from the adaptor's layer, and still does after loading."""
+    model, editor = _edited("llama", tokenizer, route_layer=1)
+    expected = logits_of(model, tokenizer, PROBES)
+    config = editor.config.to_dict()
+    del config["route_layer"]
+    monkeypatch.setattr(persistence, "FORMAT_VERSION", 1)
+    state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
+                                     layer=1, num_experts=2, edits=editor.edits, lemoe_version="0.1.0",
+                                     format_version=1)
+    persistence.save_adapter(tmp_path, state, editor.adapter_tensors())
+    monkeypatch.undo()
+    fresh = make_model("llama")
+    loaded = LifelongEditor.load(fresh, tokenizer, tmp_path)
+    assert loaded.route_layer_idx == 1 and loaded.config.route_layer == 1
+    assert torch.equal(logits_of(fresh, tokenizer, PROBES), expected)
+
+
 def test_missing_directory_and_foreign_files_are_refused(tokenizer, tmp_path):
     with pytest.raises(AdapterError, match="no such adapter directory"):
         LifelongEditor.load(make_model("llama"), tokenizer, tmp_path / "nope")

@@ -39,6 +39,12 @@ class LEMoEConfig:
     top_k: int = field(default=1, metadata={"help": "experts mixed per sequence (gates renormalised over them)"})
 
     # -- KV anchor routing --
+    route_layer: int | None = field(
+        default=None,
+        metadata={"help": "decoder layer whose FFN input the routing value is pooled from (<= layer); None = "
+                  "round(depth / 6), or `layer` if that is lower. Earlier layers keep more of what a prompt is "
+                  "about and less of how it is phrased (docs/routing.md)"},
+    )
     pooling: Pooling = field(
         default="mean", metadata={"help": "how a prompt becomes one vector: mean of its tokens, or its last token"}
     )
@@ -73,6 +79,11 @@ class LEMoEConfig:
     def __post_init__(self) -> None:
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"layer must be a non-negative int or None, got {self.layer!r}")
+        if self.route_layer is not None and (not isinstance(self.route_layer, int) or self.route_layer < 0):
+            raise ValueError(f"route_layer must be a non-negative int or None, got {self.route_layer!r}")
+        if self.layer is not None and self.route_layer is not None and self.route_layer > self.layer:
+            raise ValueError(f"route_layer ({self.route_layer}) must not be above layer ({self.layer}): the route "
+                             "has to be known when the adaptor's layer runs")
         if self.expert not in _EXPERT_KINDS:
             raise ValueError(f"expert must be one of {_EXPERT_KINDS}, got {self.expert!r}")
         if self.value_statistics not in ("frozen", "refit"):
@@ -123,6 +134,16 @@ class LEMoEConfig:
         if not 0 <= layer < num_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})")
         return layer
+
+    def resolve_route_layer(self, num_layers: int) -> int:
+        """The decoder layer whose FFN input is pooled into the routing value (never above `layer`)."""
+        layer = self.resolve_layer(num_layers)
+        if self.route_layer is None:
+            return min(round(num_layers / 6), layer)
+        if self.route_layer > layer:
+            raise ValueError(f"route_layer ({self.route_layer}) must not be above layer ({layer}): the route has to "
+                             "be known when the adaptor's layer runs")
+        return self.route_layer
 
     @staticmethod
     def help_texts() -> dict[str, str]:

@@ -17,11 +17,11 @@ from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
 from .encoding import TeacherForcedBatch, encode_pairs, encode_prompts, max_context
-from .layer import LEMoELayer, install_call_observer
+from .layer import LEMoELayer, install_call_observer, install_route_tap
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
 from .router import AnchorFit
-from .training import capture_layer_inputs, train_expert
+from .training import capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")
 
@@ -71,6 +71,7 @@ class LifelongEditor:
         self.layout = find_layout(model)
         self.layers = decoder_layers(model, self.layout)
         self.layer_idx = self.config.resolve_layer(len(self.layers))
+        self.route_layer_idx = self.config.resolve_route_layer(len(self.layers))
         parent = self.layers[self.layer_idx]
         base_ffn = getattr(parent, self.layout.mlp_attr)
         if isinstance(base_ffn, LEMoELayer):
@@ -82,7 +83,9 @@ class LifelongEditor:
         self.fingerprint = weight_fingerprint(base_ffn)
         self.adaptor = LEMoELayer(base_ffn, self.layout, hidden, self.config)
         setattr(parent, self.layout.mlp_attr, self.adaptor)
-        self._hook = install_call_observer(model, self.adaptor)
+        self._hooks = [install_call_observer(model, self.adaptor)]
+        if self.route_layer_idx < self.layer_idx:
+            self._hooks.append(install_route_tap(self.route_ffn, self.adaptor))
         self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._negatives: torch.Tensor | None = None
@@ -93,6 +96,11 @@ class LifelongEditor:
     @property
     def num_experts(self) -> int:
         return self.adaptor.num_experts
+
+    @property
+    def route_ffn(self) -> nn.Module:
+        """The FFN module whose input is pooled into routing values (the adaptor itself at layer L)."""
+        return getattr(self.layers[self.route_layer_idx], self.layout.mlp_attr)
 
     @property
     def device(self) -> torch.device:
@@ -118,8 +126,9 @@ class LifelongEditor:
         batch = encode_pairs(self.tokenizer, [r.prompt for r in records], [r.target for r in records],
                              max_context(self.model), labels).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing vectors
-        layer_input, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor, batch)
-        pooled = self.adaptor.router.pool(ffn_input, batch.prompt_mask)  # (B, d)
+        layer_input, route_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
+                                                        self.route_ffn, batch)
+        pooled = self.adaptor.router.pool(route_input, batch.prompt_mask).to(self.device)  # (B, d)
         negatives = self._negative_vectors()
         router = self.adaptor.router
         first = self.num_experts == 0
@@ -200,12 +209,12 @@ class LifelongEditor:
 
     @torch.no_grad()
     def pooled_prompts(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """(n, d) routing vectors of prompts, from a frozen pass that stops at layer L's FFN."""
+        """(n, d) routing vectors of prompts, from a frozen pass that stops at the route layer's FFN."""
         vectors = []
         for start in range(0, len(prompts), batch_size):
             batch = self._prompt_batch(prompts[start : start + batch_size])
-            _, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor, batch)
-            vectors.append(self.adaptor.router.pool(ffn_input, batch.attention_mask))
+            states = capture_route_inputs(self.model, self.route_ffn, batch)
+            vectors.append(self.adaptor.router.pool(states, batch.attention_mask).to(self.device))
         return torch.cat(vectors, dim=0)
 
     def _prompt_batch(self, prompts: Sequence[str]) -> TeacherForcedBatch:
@@ -260,7 +269,9 @@ class LifelongEditor:
         """Put the original FFN back and remove every trace of the adaptor; returns the model."""
         if self._attached:
             setattr(self.layers[self.layer_idx], self.layout.mlp_attr, self.adaptor.base_layer)
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
+            self.adaptor.routes_elsewhere = False
             self._attached = False
         return self.model
 

@@ -73,6 +73,7 @@ class RoutingState:
     call_seen: bool = False
     cached_ids: torch.Tensor | None = None
     cached_route: Route | None = None
+    route_input: torch.Tensor | None = None  # (B, T, d) FFN input of the route layer, this call (route tap)
 
 
 class LEMoELayer(nn.Module):
@@ -87,6 +88,7 @@ class LEMoELayer(nn.Module):
         self.router = KVAnchorRouter(hidden_size, config)
         self.experts = nn.ModuleList()
         self.disabled = False
+        self.routes_elsewhere = False  # True when a route tap on a lower layer supplies the routing states
         self.routing = RoutingState()
         device = next(base_layer.parameters()).device
         self.router.to(device)
@@ -154,24 +156,42 @@ class LEMoELayer(nn.Module):
             self.routing.prompt_mask = None
 
     def route(self, pooled: torch.Tensor) -> Route:
-        return self.router.route(pooled, self.config.top_k, self.config.deferral)
+        return self.router.route(pooled.to(self.router.center.device), self.config.top_k, self.config.deferral)
+
+    def observe_route_input(self, hidden: torch.Tensor) -> None:
+        """Called by the route tap with the FFN input of the route layer (when it is below this one)."""
+        self.routing.route_input = hidden
+
+    def _routing_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The states the route is pooled from: the route layer's FFN input of this same call, or x."""
+        if not self.routes_elsewhere:
+            return x
+        states, self.routing.route_input = self.routing.route_input, None
+        if states is None or states.shape[:2] != x.shape[:2]:
+            raise RuntimeError(
+                "LEMoE: the routing states of this call are missing (the route layer's FFN did not run before "
+                "the adaptor's layer); run the whole model rather than the adaptor's layer alone"
+            )
+        return states
 
     def _route_for(self, x: torch.Tensor) -> Route:
         state = self.routing
         batch, length = x.shape[:2]
         if state.forced is not None:
+            state.route_input = None
             experts = state.forced.to(x.device).view(batch, 1)
             return Route(experts, torch.ones(batch, 1, device=x.device))
+        states = self._routing_states(x)
         if state.prompt_mask is not None:
-            return self.route(self.router.pool(x, state.prompt_mask))
+            return self.route(self.router.pool(states, state.prompt_mask))
         seen, reuse, mask, ids = self._consume_call()
         if seen and ids is not None and ids.shape[1] != length:
             seen, reuse, mask, ids = False, False, None, None  # not the call the hook saw: route afresh
         if seen and reuse and state.cached_route is not None:
             return state.cached_route
         if mask is None or mask.shape[1] < length:
-            mask = torch.ones(batch, length, device=x.device)
-        route = self.route(self.router.pool(x, mask[:, -length:]))
+            mask = torch.ones(batch, length, device=states.device)
+        route = self.route(self.router.pool(states, mask[:, -length:]))
         state.cached_route = route
         state.cached_ids = ids.detach().clone() if (seen and ids is not None) else None  # same length: checked above
         return route
@@ -194,6 +214,7 @@ class LEMoELayer(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs)  # (B, T, d)
         if self.disabled or self.num_experts == 0:
             self._consume_call()
+            self.routing.route_input = None
             return base_out
         route = self._route_for(x)
         out = base_out
@@ -203,6 +224,16 @@ class LEMoELayer(nn.Module):
             contribution = contribution * route.gates[rows, slots].view(-1, 1, 1)
             out = out.index_add(0, rows, contribution.to(out.dtype))
         return out
+
+
+def install_route_tap(route_ffn: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on the route layer's FFN that hands its input to the adaptor further up."""
+    layer.routes_elsewhere = True
+
+    def tap(module: nn.Module, args: tuple[Any, ...]) -> None:
+        layer.observe_route_input(args[0])
+
+    return route_ffn.register_forward_pre_hook(tap)
 
 
 def install_call_observer(model: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:

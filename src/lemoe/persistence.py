@@ -31,7 +31,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 EDITS_NAME = "edits.jsonl"
 CARD_NAME = "README.md"
 FORMAT_NAME = "lemoe-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class AdapterError(ValueError):
@@ -146,6 +146,8 @@ def _read_adapter(directory: Path, with_tensors: bool) -> tuple[AdapterState, di
             f"{directory}: adapter format version {version} was written by a newer lemoe "
             f"({raw.get('lemoe_version')}); this lemoe reads up to version {FORMAT_VERSION}. Upgrade lemoe."
         )
+    if version < 2 and isinstance(raw.get("config"), dict) and "route_layer" not in raw["config"]:
+        raw["config"]["route_layer"] = raw.get("layer")  # format 1 routed from the adaptor's own layer
     state = AdapterState(
         config=raw["config"], base_model=raw["base_model"], fingerprint=raw["fingerprint"], layer=raw["layer"],
         num_experts=raw["num_experts"], edits=raw["edits"], lemoe_version=raw["lemoe_version"], format_version=version,

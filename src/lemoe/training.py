@@ -50,22 +50,45 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: LEMoELayer, batch: TeacherForcedBatch
+    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: LEMoELayer, route_ffn: nn.Module,
+    batch: TeacherForcedBatch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One frozen forward pass: the input of decoder layer L (B, T, d) and the FFN input there (B, T, d)."""
+    """One frozen forward pass up to layer L's FFN: the input of decoder layer L (B, T, d), replayed
+    while training, and the FFN input of the route layer (B, T, d), pooled into routing values."""
     captured: dict[str, torch.Tensor] = {}
 
     def grab_layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-    def grab_ffn_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured["ffn"] = args[0].detach()
+    def grab_route_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured["route"] = args[0].detach()
+
+    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
         raise _StopForward
 
     handles = [
         layers[layer_idx].register_forward_pre_hook(grab_layer_input, with_kwargs=True),
-        adaptor.register_forward_pre_hook(grab_ffn_input),
+        route_ffn.register_forward_pre_hook(grab_route_input),
+        adaptor.register_forward_pre_hook(stop),  # after the route grab: the route layer may be this one
     ]
+    _run_until_stop(model, batch, handles)
+    return captured["layer"], captured["route"]
+
+
+@torch.no_grad()
+def capture_route_inputs(model: nn.Module, route_ffn: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
+    """The FFN input of the route layer (B, T, d), from a frozen pass that stops right there."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured["route"] = args[0].detach()
+        raise _StopForward
+
+    _run_until_stop(model, batch, [route_ffn.register_forward_pre_hook(grab_and_stop)])
+    return captured["route"]
+
+
+def _run_until_stop(model: nn.Module, batch: TeacherForcedBatch, handles: list[Any]) -> None:
     try:
         model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     except _StopForward:
@@ -73,7 +96,6 @@ def capture_layer_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return captured["layer"], captured["ffn"]
 
 
 class _StopForward(Exception):
