@@ -64,6 +64,38 @@ def threshold_sweep(prompts: torch.Tensor, rephrases: torch.Tensor, unrelated: t
     return rows
 
 
+def route_layer_sweep(model, tok, data: list[dict], demo: list[dict], layers: list[int], n: int) -> list[dict]:
+    """Per route layer (the adaptor at layer 20): rephrases routed to their own expert and NQ
+    locality deferred, with the default regions (margin 0.05, floor 0.5), at T=100 and T=n; and
+    on the demo's near neighbours the best average over all thresholds."""
+    from lemoe import LEMoEConfig, LifelongEditor
+    from lemoe.editor import builtin_negatives
+
+    config = LEMoEConfig()
+    rows = []
+    for layer in layers:
+        editor = LifelongEditor(model, tok, LEMoEConfig(layer=20, route_layer=layer))
+        negatives = editor.pooled_prompts(builtin_negatives())
+        P, R, U = (editor.pooled_prompts([r[k] for r in data]) for k in ("src", "rephrase", "loc"))
+        dP, dR, dU = (editor.pooled_prompts([r[k] for r in demo]) for k in ("prompt", "rephrase", "locality_prompt"))
+        editor.unload()
+        for T in sorted({100, n}):
+            stats_from = torch.cat([P[:10], negatives])
+            mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+            unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P[:T], R[:T], U[:T], negatives)]
+            row = threshold_sweep(*unit, 10, [(config.route_margin, config.route_floor)])[0]
+            rows.append({"route_layer": layer, "data": "zsre_mend_dev (NQ locality)", **row})
+            print(f"route layer {layer:2d} T={T}: rephrase routed {row['rephrase_routed']:.3f}  "
+                  f"unrelated deferred {row['unrelated_deferred']:.3f}", flush=True)
+        stats_from = torch.cat([dP[:10], negatives])
+        mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+        unit = [F.normalize((x - mu) / sd, dim=-1) for x in (dP, dR, dU, negatives)]
+        demo_row = separation(*unit, margin=config.route_margin)
+        rows.append({"route_layer": layer, "data": "demo (neighbour locality)", "edits": len(demo), **demo_row})
+        print(f"route layer {layer:2d} demo: best average {demo_row['best_average_over_thresholds']:.2f}", flush=True)
+    return rows
+
+
 SWEEP = [(0.05, -1.0), (0.1, -1.0), (0.15, -1.0), (0.2, -1.0), (0.1, 0.45), (0.05, 0.5), (0.15, 0.5)]
 
 
@@ -73,6 +105,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 ZsRE edits instead of 300")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, nargs="+", default=[20, 12])
+    parser.add_argument("--route-layers", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8, 9, 12, 15, 20])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,7 +125,7 @@ def main() -> None:
     rows = []
     for layer in args.layers:
         for pooling in ("mean", "last"):
-            editor = LifelongEditor(model, tok, LEMoEConfig(layer=layer, pooling=pooling))
+            editor = LifelongEditor(model, tok, LEMoEConfig(layer=layer, route_layer=layer, pooling=pooling))
             negatives = editor.pooled_prompts(builtin_negatives())
             for name, (p, r, u) in sets.items():
                 P, R, U = (editor.pooled_prompts(x) for x in (p, r, u))
@@ -109,10 +142,10 @@ def main() -> None:
                           f"  unrelated deferred {row['unrelated_deferred']:.2f}"
                           f"  best avg {row['best_average_over_thresholds']:.2f}", flush=True)
             editor.unload()
-    # region thresholds on the default layer, stream order, batches of 10
+    # region thresholds, routing from the edited layer (20), stream order, batches of 10
     n_sweep = 100 if args.quick else 1000
     sweep_data = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n_sweep]
-    editor = LifelongEditor(model, tok, LEMoEConfig())
+    editor = LifelongEditor(model, tok, LEMoEConfig(layer=20, route_layer=20))
     negatives = editor.pooled_prompts(builtin_negatives())
     P, R, U = (editor.pooled_prompts([r[k] for r in sweep_data]) for k in ("src", "rephrase", "loc"))
     editor.unload()
@@ -125,9 +158,11 @@ def main() -> None:
             sweep.append(row)
             print(f"T={T} margin {row['margin']:.2f} floor {row['floor']:+.2f}: rephrase routed "
                   f"{row['rephrase_routed']:.3f}  unrelated deferred {row['unrelated_deferred']:.3f}", flush=True)
+    layer_rows = route_layer_sweep(model, tok, sweep_data, demo, args.route_layers, n_sweep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "routing_probe", "threads": args.threads, "margin": margin,
-                                          "rows": rows, "threshold_sweep": sweep}, indent=2) + "\n")
+                                          "rows": rows, "threshold_sweep": sweep, "route_layer_sweep": layer_rows},
+                                         indent=2) + "\n")
 
 
 if __name__ == "__main__":
