@@ -96,6 +96,33 @@ def route_layer_sweep(model, tok, data: list[dict], demo: list[dict], layers: li
     return rows
 
 
+def same_subject_sweep(model, tok, n: int, layers: list[int], floors: list[float]) -> list[dict]:
+    """KnowEdit ZsRE: the locality question asks about the edit's own subject. Per route layer and
+    region floor, stream order, 10 anchors per expert: rephrases routed to their own expert and
+    same-subject locality questions deferred."""
+    from lemoe import LEMoEConfig, LifelongEditor
+    from lemoe.data import read_edits
+    from lemoe.editor import builtin_negatives
+
+    records = read_edits(SHARED_DATA / "zsre" / "knowedit_zsre_test.json")[:n]
+    rows = []
+    for layer in layers:
+        editor = LifelongEditor(model, tok, LEMoEConfig(layer=20, route_layer=layer))
+        negatives = editor.pooled_prompts(builtin_negatives())
+        P, R, U = (editor.pooled_prompts([getattr(r, k) for r in records])
+                   for k in ("prompt", "rephrase", "locality_prompt"))
+        editor.unload()
+        stats_from = torch.cat([P[:10], negatives])
+        mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+        unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P, R, U, negatives)]
+        for row in threshold_sweep(*unit, 10, [(0.05, floor) for floor in floors]):
+            rows.append({"route_layer": layer, "data": "knowedit_zsre_test (same-subject locality)", **row})
+            print(f"KnowEdit route layer {layer:2d} floor {row['floor']:.1f}: rephrase routed "
+                  f"{row['rephrase_routed']:.3f}  same-subject locality deferred {row['unrelated_deferred']:.3f}",
+                  flush=True)
+    return rows
+
+
 SWEEP = [(0.05, -1.0), (0.1, -1.0), (0.15, -1.0), (0.2, -1.0), (0.1, 0.45), (0.05, 0.5), (0.15, 0.5)]
 
 
@@ -159,9 +186,11 @@ def main() -> None:
             print(f"T={T} margin {row['margin']:.2f} floor {row['floor']:+.2f}: rephrase routed "
                   f"{row['rephrase_routed']:.3f}  unrelated deferred {row['unrelated_deferred']:.3f}", flush=True)
     layer_rows = route_layer_sweep(model, tok, sweep_data, demo, args.route_layers, n_sweep)
+    same_subject = same_subject_sweep(model, tok, n_sweep, [5, 12, 20], [0.5, 0.7, 0.8])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "routing_probe", "threads": args.threads, "margin": margin,
-                                          "rows": rows, "threshold_sweep": sweep, "route_layer_sweep": layer_rows},
+                                          "rows": rows, "threshold_sweep": sweep, "route_layer_sweep": layer_rows,
+                                          "same_subject_sweep": same_subject},
                                          indent=2) + "\n")
 
 

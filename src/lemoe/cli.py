@@ -78,7 +78,7 @@ def _config_from(args: argparse.Namespace) -> Any:
     return LEMoEConfig(**overrides)
 
 
-CONFIG_FLAGS = ("layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
+CONFIG_FLAGS = ("layer", "route_layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     method = argparse.ArgumentParser(add_help=False)
     method.add_argument("--batch-size", type=int, default=10, help="edits per batch; each batch becomes one expert")
     method.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
+    method.add_argument("--route-layer", type=int, default=None,
+                        help="layer whose FFN input the routing value is pooled from (default: depth/6, at most --layer)")
     method.add_argument("--expert", choices=["lora", "ffn"], default=None, help="expert kind (default: lora)")
     method.add_argument("--lora-rank", type=int, default=None, help="rank of lora experts (default: 16)")
     method.add_argument("--lr", type=float, default=None, help="learning rate of a new expert (default: 5e-2)")

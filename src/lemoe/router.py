@@ -1,9 +1,10 @@
 """KV anchor routing: values from prompts, frozen anchor keys per expert, top-k, deferral regions.
 
-An input sequence becomes one vector e: the mean (or last) of the layer-L FFN inputs over its
-prompt tokens. Its value v is e standardised with statistics fixed at the first edit, then
-unit-normalised: raw hidden states are anisotropic (unrelated questions sit at cosine > 0.8),
-standardised ones are not. The statistics never change afterwards, so neither does any value.
+An input sequence becomes one vector e: the mean (or last) of the FFN inputs of the route layer
+(a layer at or below the adaptor's, see LEMoEConfig.route_layer) over its prompt tokens. Its value v is e
+standardised with statistics fixed at the first edit, then unit-normalised: raw hidden states
+are anisotropic (unrelated questions sit at cosine > 0.8), standardised ones are not. The statistics
+never change afterwards, so neither does any value.
 
 Every expert's key is the set of its edits' values (one anchor per edit, frozen when the expert
 is made): a batch of unrelated facts has no single centre, and one key per batch misrouted 14 %
