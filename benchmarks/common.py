@@ -29,6 +29,8 @@ def zsre_records(start: int, count: int, path: Path = ZSRE_MEND) -> list:
 def add_synthetic_experts(editor: Any, prompts: list[str], count: int, per_expert: int = 10) -> None:
     """Experts with random non-zero weights and real-prompt anchors: the inference cost of trained
     ones (routing and expert compute do not depend on what the weights learned)."""
+    if count <= 0:
+        return
     router = editor.adaptor.router
     generator = torch.Generator().manual_seed(1)
     pooled = editor.pooled_prompts(prompts[: count * per_expert], batch_size=64)

@@ -231,6 +231,7 @@ def test_routing_from_a_lower_layer(tokenizer):
     pooled = editor.pooled_prompts([PROBES[0]])
     handle.remove()
     assert torch.allclose(pooled[0], seen[-1][0].mean(dim=0), atol=1e-6)
+    assert editor.pooled_prompts([]).shape == (0, 64) and editor.route([]) == []
 
     first, second = records(2), records(2, offset=2)
     editor.edit(first)

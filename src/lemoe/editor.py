@@ -210,6 +210,8 @@ class LifelongEditor:
     @torch.no_grad()
     def pooled_prompts(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """(n, d) routing vectors of prompts, from a frozen pass that stops at the route layer's FFN."""
+        if not prompts:
+            return torch.zeros(0, self.adaptor.hidden_size, device=self.device)
         vectors = []
         for start in range(0, len(prompts), batch_size):
             batch = self._prompt_batch(prompts[start : start + batch_size])
