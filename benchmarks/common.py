@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ def add_synthetic_experts(editor: Any, prompts: list[str], count: int, per_exper
     ones (routing and expert compute do not depend on what the weights learned)."""
     if count <= 0:
         return
+    if len(prompts) < count * per_expert:
+        raise ValueError(f"{count} experts x {per_expert} anchors need {count * per_expert} prompts, got {len(prompts)}")
     router = editor.adaptor.router
     generator = torch.Generator().manual_seed(1)
     pooled = editor.pooled_prompts(prompts[: count * per_expert], batch_size=64)
@@ -41,8 +41,7 @@ def add_synthetic_experts(editor: Any, prompts: list[str], count: int, per_exper
         expert_id = editor.adaptor.add_expert(editor.adaptor.new_expert())
         for param in editor.adaptor.experts[expert_id].parameters():
             param.data.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-        rows = pooled[(i * per_expert) % len(pooled) :][:per_expert]
-        router.add_expert_key(rows, negatives)
+        router.add_expert_key(pooled[i * per_expert : (i + 1) * per_expert], negatives)
 
 
 def greedy(model: Any, tok: Any, ids: dict[str, torch.Tensor], new_tokens: int) -> None:
@@ -65,19 +64,13 @@ def timed(fn: Any, device: torch.device | str = "cpu") -> float:
 
 def header(name: str, args: Any, device: str = "cpu") -> dict[str, Any]:
     """What every result JSON records: machine, threads, versions, commit, date, the command."""
-    import lemoe
-    from lemoe.bench import git_commit
+    from lemoe.bench import provenance
 
     info: dict[str, Any] = {
         "benchmark": name,
         "model": "smollm2-135m (SmolLM2-135M-Instruct)",
         "device": device,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.system()} {platform.machine()}",
-        "lemoe_version": lemoe.__version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
         "command": "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     if torch.device(device).type == "cuda":

@@ -34,11 +34,12 @@ def generation_latency(model, tok, editor, prompts, new_tokens, repeats, device)
         best = {True: float("inf"), False: float("inf")}
         for _ in range(repeats):
             for enabled in (False, True):
+                run = lambda ids=ids: greedy(model, tok, ids, new_tokens)  # noqa: E731
                 if enabled:
-                    seconds = timed(lambda: greedy(model, tok, ids, new_tokens), device)
+                    seconds = timed(run, device)
                 else:
                     with editor.disabled():
-                        seconds = timed(lambda: greedy(model, tok, ids, new_tokens), device)
+                        seconds = timed(run, device)
                 best[enabled] = min(best[enabled], seconds)
         unedited += best[False]
         edited += best[True]
@@ -64,7 +65,8 @@ def routing_scale(counts: list[int], anchors_per_expert: int, hidden: int, devic
         for batch in (1, 32):
             values = F.normalize(torch.randn(batch, hidden, generator=generator), dim=-1).to(device)
             router.route_values(values, 1, True)  # warm-up
-            times = [timed(lambda: router.route_values(values, 1, True), device) for _ in range(20)]
+            decide = lambda r=router, v=values: r.route_values(v, 1, True)  # noqa: E731
+            times = [timed(decide, device) for _ in range(20)]
             row[f"route_ms_batch_{batch}"] = 1000 * statistics.median(times)
         rows.append(row)
         print(f"routing, {experts} experts ({total} anchors): {row['route_ms_batch_1']:.3f} ms for 1 sequence, "

@@ -53,8 +53,7 @@ def main() -> None:
         sizes, ram, rss = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for target in (n // 2, n):
-                add_synthetic_experts(editor, prompts[editor.num_experts * 10 % len(prompts):] + prompts,
-                                      target - editor.num_experts)
+                add_synthetic_experts(editor, prompts, target - editor.num_experts)  # sizes do not depend on which
                 editor.save(Path(tmp) / str(target))
                 sizes[target] = (Path(tmp) / str(target) / "adapter_model.safetensors").stat().st_size
                 ram[target] = tensor_bytes(editor.adapter_tensors())

@@ -20,6 +20,18 @@ import torch.nn.functional as F
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def fit_standardisation(prompts: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As the router fits it: centre and scale from the first batch (10 prompts) and the negatives."""
+    stats_from = torch.cat([prompts[:10], negatives])
+    return stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+
+
+def standardised_units(prompts: torch.Tensor, negatives: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """[prompts, *others, negatives] standardised as the router does, then unit-normalised."""
+    mu, sd = fit_standardisation(prompts, negatives)
+    return [F.normalize((x - mu) / sd, dim=-1) for x in (prompts, *others, negatives)]
+
+
 def separation(prompts: torch.Tensor, rephrases: torch.Tensor, unrelated: torch.Tensor, negatives: torch.Tensor,
                margin: float) -> dict[str, float]:
     """All inputs unit-normalised (n, d). Rephrase i should route to anchor i; unrelated must be deferred."""
@@ -79,18 +91,14 @@ def route_layer_sweep(model, tok, data: list[dict], demo: list[dict], layers: li
         P, R, U = (editor.pooled_prompts([r[k] for r in data]) for k in ("src", "rephrase", "loc"))
         dP, dR, dU = (editor.pooled_prompts([r[k] for r in demo]) for k in ("prompt", "rephrase", "locality_prompt"))
         editor.unload()
+        unit = standardised_units(P, negatives, R, U)
         for T in sorted({100, n}):
-            stats_from = torch.cat([P[:10], negatives])
-            mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
-            unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P[:T], R[:T], U[:T], negatives)]
-            row = threshold_sweep(*unit, 10, [(config.route_margin, config.route_floor)])[0]
+            row = threshold_sweep(unit[0][:T], unit[1][:T], unit[2][:T], unit[3], 10,
+                                  [(config.route_margin, config.route_floor)])[0]
             rows.append({"route_layer": layer, "data": "zsre_mend_dev (NQ locality)", **row})
             print(f"route layer {layer:2d} T={T}: rephrase routed {row['rephrase_routed']:.3f}  "
                   f"unrelated deferred {row['unrelated_deferred']:.3f}", flush=True)
-        stats_from = torch.cat([dP[:10], negatives])
-        mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
-        unit = [F.normalize((x - mu) / sd, dim=-1) for x in (dP, dR, dU, negatives)]
-        demo_row = separation(*unit, margin=config.route_margin)
+        demo_row = separation(*standardised_units(dP, negatives, dR, dU), margin=config.route_margin)
         rows.append({"route_layer": layer, "data": "demo (neighbour locality)", "edits": len(demo), **demo_row})
         print(f"route layer {layer:2d} demo: best average {demo_row['best_average_over_thresholds']:.2f}", flush=True)
     return rows
@@ -105,6 +113,7 @@ def same_subject_sweep(model, tok, n: int, layers: list[int], floors: list[float
     from lemoe.editor import builtin_negatives
 
     records = read_edits(SHARED_DATA / "zsre" / "knowedit_zsre_test.json")[:n]
+    margin = LEMoEConfig().route_margin
     rows = []
     for layer in layers:
         editor = LifelongEditor(model, tok, LEMoEConfig(layer=20, route_layer=layer))
@@ -112,10 +121,8 @@ def same_subject_sweep(model, tok, n: int, layers: list[int], floors: list[float
         P, R, U = (editor.pooled_prompts([getattr(r, k) for r in records])
                    for k in ("prompt", "rephrase", "locality_prompt"))
         editor.unload()
-        stats_from = torch.cat([P[:10], negatives])
-        mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
-        unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P, R, U, negatives)]
-        for row in threshold_sweep(*unit, 10, [(0.05, floor) for floor in floors]):
+        unit = standardised_units(P, negatives, R, U)
+        for row in threshold_sweep(*unit, 10, [(margin, floor) for floor in floors]):
             rows.append({"route_layer": layer, "data": "knowedit_zsre_test (same-subject locality)", **row})
             print(f"KnowEdit route layer {layer:2d} floor {row['floor']:.1f}: rephrase routed "
                   f"{row['rephrase_routed']:.3f}  same-subject locality deferred {row['unrelated_deferred']:.3f}",
@@ -156,8 +163,7 @@ def main() -> None:
             negatives = editor.pooled_prompts(builtin_negatives())
             for name, (p, r, u) in sets.items():
                 P, R, U = (editor.pooled_prompts(x) for x in (p, r, u))
-                stats_from = torch.cat([P[:10], negatives])  # as the router: first batch + negatives
-                mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
+                mu, sd = fit_standardisation(P, negatives)
                 spaces = {"raw": lambda x: x, "centred": lambda x, mu=mu: x - mu,
                           "standardised": lambda x, mu=mu, sd=sd: (x - mu) / sd}
                 for space, f in spaces.items():
@@ -176,9 +182,7 @@ def main() -> None:
     negatives = editor.pooled_prompts(builtin_negatives())
     P, R, U = (editor.pooled_prompts([r[k] for r in sweep_data]) for k in ("src", "rephrase", "loc"))
     editor.unload()
-    stats_from = torch.cat([P[:10], negatives])
-    mu, sd = stats_from.mean(0), stats_from.std(0).clamp(min=1e-4)
-    unit = [F.normalize((x - mu) / sd, dim=-1) for x in (P, R, U, negatives)]
+    unit = standardised_units(P, negatives, R, U)
     sweep = []
     for T in sorted({100, n_sweep}):
         for row in threshold_sweep(unit[0][:T], unit[1][:T], unit[2][:T], unit[3], 10, SWEEP):

@@ -14,6 +14,7 @@ directory (edits.jsonl, timeline.csv, plots) goes next to the JSON.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -72,8 +73,6 @@ def main() -> None:
             print(f"{done[0]}/{T} edits, last batch {report.seconds:.2f} s", flush=True)
 
     summary = run_bench(model, tok, records, settings, out_dir=out_dir, on_batch=progress)
-    import csv
-
     timeline = list(csv.DictReader(open(out_dir / "timeline.csv")))
     seconds = [float(r["seconds"]) for r in timeline]
     tenth = max(1, len(seconds) // 10)

@@ -118,7 +118,8 @@ def _mean_defined(values: Sequence[Any]) -> float | None:
     return mean(defined) if defined else None
 
 
-def _aggregate(scores: dict[str, list[Any]]) -> dict[str, float | None]:
+def aggregate(scores: dict[str, list[Any]]) -> dict[str, float | None]:
+    """Per metric, the mean over the edits where it is defined (None where it is nowhere)."""
     return {k: _mean_defined(scores[k]) for k in ("rel", "gen", "loc", "gen_em", "ppl")}
 
 
@@ -167,15 +168,15 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
             scores = evaluator.evaluate(editor, batch)
             for k, i in enumerate(batch):
                 immediate[i] = {key: values[k] for key, values in scores.items()}
-            row.update({f"immediate_{k}": v for k, v in _aggregate(scores).items()})
+            row.update({f"immediate_{k}": v for k, v in aggregate(scores).items()})
         if settings.protocol == "curve" and ((b + 1) % settings.curve_every == 0 or b == len(plan.batches) - 1):
-            row.update({f"curve_{k}": v for k, v in _aggregate(evaluator.evaluate(editor, done)).items()})
+            row.update({f"curve_{k}": v for k, v in aggregate(evaluator.evaluate(editor, done)).items()})
         timeline.append(row)
         if on_batch is not None:
             on_batch(report)
     order = plan.order
     final_scores = evaluator.evaluate(editor, order)
-    final = _aggregate(final_scores)
+    final = aggregate(final_scores)
     per_edit = []
     for k, i in enumerate(order):
         entry = {"index": i, "id": records[i].id, "prompt": records[i].prompt, "target": records[i].target,
@@ -186,7 +187,7 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         if i in immediate:
             entry.update({f"immediate_{key}": v for key, v in immediate[i].items() if not key.startswith("routed")})
         per_edit.append(entry)
-    immediate_scores = _aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None
+    immediate_scores = aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None
     headline = immediate_scores if immediate_scores is not None else final
     summary = {
         "method": settings.method,
@@ -214,12 +215,8 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         "between_batch_similarity": plan.between_batch_similarity,
         "experts": editor.num_experts,
         "config": editor.config.to_dict(),
-        "threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - started_all,
-        "machine": f"{platform.system()} {platform.machine()}",
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
     }
     if out_dir is not None:
         write_results(Path(out_dir), summary, per_edit, timeline, settings)
@@ -303,6 +300,18 @@ def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, A
     from .plots import plot_results
 
     plot_results(out, summary, per_edit, timeline)
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a result was measured: recorded with every result, here and in benchmarks/."""
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "lemoe_version": __version__,
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def git_commit() -> str:

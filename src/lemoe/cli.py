@@ -91,10 +91,10 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .bench import Evaluator
+    from .bench import Evaluator, aggregate
     from .data import EditRecord
     from .editor import LifelongEditor
-    from .metrics import greedy_completions, mean
+    from .metrics import greedy_completions
 
     raw = json.loads(resources.files("lemoe").joinpath("resources/demo_edits.json").read_text(encoding="utf-8"))
     edits = [EditRecord.from_dict(r, f"demo record {i}") for i, r in enumerate(raw)][: args.n]
@@ -120,13 +120,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nUnrelated facts (must not change; each is a near neighbour of an edit, the hard case for routing):")
     print(_table([(p[:44], short(b), short(a)) for p, b, a in zip(loc_prompts, before_loc, after_loc)],
                  ["locality prompt", "before", "after"]))
-    scores = evaluator.evaluate(editor, range(len(edits)))
+    scores = aggregate(evaluator.evaluate(editor, range(len(edits))))
     print(f"\nProtocol: final (all {len(edits)} edits applied in batches of {args.batch_size}, then evaluated)")
     print(_table([
-        ("Rel (reliability)", "teacher-forced", mean(scores["rel"])),
-        ("Gen (rephrases)", "teacher-forced", mean([g for g in scores["gen"] if g is not None])),
-        ("Loc (unrelated facts kept)", "teacher-forced", mean([v for v in scores["loc"] if v is not None])),
-        ("exact match of the target", "generative", mean(scores["gen_em"])),
+        ("Rel (reliability)", "teacher-forced", scores["rel"]),
+        ("Gen (rephrases)", "teacher-forced", scores["gen"]),
+        ("Loc (unrelated facts kept)", "teacher-forced", scores["loc"]),
+        ("exact match of the target", "generative", scores["gen_em"]),
         ("routing consistency", "final", editor.routing_consistency()),
     ], ["metric", "protocol", "value"]))
     print(f"\n{len(edits)} edits in {seconds:.1f}s ({seconds / len(edits):.2f} s/edit), "
@@ -175,7 +175,7 @@ def _has_overrides(args: argparse.Namespace) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, run_bench
+    from .bench import METRIC_PROTOCOL, BenchSettings, run_bench
     from .data import read_edits
 
     settings = BenchSettings(data=str(args.data), T=args.T, batch_size=args.batch_size, order=args.order,
@@ -190,9 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             on_batch=lambda report: bar.update(report.num_edits))
     print(f"\n{summary['method']} on {Path(args.data).name}: T={summary['T']}, batch {summary['batch_size']}, "
           f"{summary['order']} order, {summary['protocol']} protocol")
-    rows = [(name, METRIC_LABELS[name], summary[name]) for name in ("rel", "gen", "loc", "gen_em")]
+    rows = [(name, METRIC_PROTOCOL[name], summary[name]) for name in ("rel", "gen", "loc", "gen_em")]
     if summary["protocol"] != "final":
-        rows += [(f"{name} (final)", METRIC_LABELS[name], summary["final"][name]) for name in ("rel", "gen", "loc")]
+        rows += [(f"{name} (final)", METRIC_PROTOCOL[name], summary["final"][name]) for name in ("rel", "gen", "loc")]
     rows += [
         ("routing consistency", "final", summary["routing_consistency"]),
         ("target perplexity before -> after", "teacher-forced",
@@ -215,14 +215,11 @@ def _bench_order_sensitivity(args: argparse.Namespace, model: Any, tok: Any, rec
                                        args.out, on_batch=lambda report: bar.update(report.num_edits))
     print(f"\norder sensitivity on {Path(args.data).name}: T={result['T']}, batch {result['batch_size']}, "
           "final protocol scores (teacher-forced; exact match generative)")
-    rows = [(r["run"], *(("-" if r[k] is None else f"{r[k]:.3f}") for k in ("rel", "gen", "loc", "gen_em")),
-             f"{r['within_batch_similarity']:.3f}") for r in result["runs"]]
+    rows = [(r["run"], *(r[k] for k in ("rel", "gen", "loc", "gen_em", "within_batch_similarity")))
+            for r in result["runs"]]
     print(_table(rows, ["run", "rel", "gen", "loc", "exact match", "within-batch sim"]))
     print(f"results: {args.out} (order_sensitivity.json, order_sensitivity.png, one directory per run)")
     return 0
-
-
-METRIC_LABELS = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced", "gen_em": "generative"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

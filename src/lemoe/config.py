@@ -81,9 +81,8 @@ class LEMoEConfig:
             raise ValueError(f"layer must be a non-negative int or None, got {self.layer!r}")
         if self.route_layer is not None and (not isinstance(self.route_layer, int) or self.route_layer < 0):
             raise ValueError(f"route_layer must be a non-negative int or None, got {self.route_layer!r}")
-        if self.layer is not None and self.route_layer is not None and self.route_layer > self.layer:
-            raise ValueError(f"route_layer ({self.route_layer}) must not be above layer ({self.layer}): the route "
-                             "has to be known when the adaptor's layer runs")
+        if self.layer is not None and self.route_layer is not None:
+            _check_route_layer(self.route_layer, self.layer)
         if self.expert not in _EXPERT_KINDS:
             raise ValueError(f"expert must be one of {_EXPERT_KINDS}, got {self.expert!r}")
         if self.value_statistics not in ("frozen", "refit"):
@@ -140,11 +139,15 @@ class LEMoEConfig:
         layer = self.resolve_layer(num_layers)
         if self.route_layer is None:
             return min(round(num_layers / 6), layer)
-        if self.route_layer > layer:
-            raise ValueError(f"route_layer ({self.route_layer}) must not be above layer ({layer}): the route has to "
-                             "be known when the adaptor's layer runs")
+        _check_route_layer(self.route_layer, layer)
         return self.route_layer
 
     @staticmethod
     def help_texts() -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LEMoEConfig)}
+
+
+def _check_route_layer(route_layer: int, layer: int) -> None:
+    if route_layer > layer:
+        raise ValueError(f"route_layer ({route_layer}) must not be above layer ({layer}): the route has to be known "
+                         "when the adaptor's layer runs")
