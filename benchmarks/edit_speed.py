@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from common import header, synchronize, table, timed, write_json, zsre_records
 
 KINDS = {
-    "lora-r16 (default)": {"expert": "lora", "lora_rank": 16, "lora_alpha": 16.0},
-    "lora-r4": {"expert": "lora", "lora_rank": 4, "lora_alpha": 4.0},
-    "lora-r64": {"expert": "lora", "lora_rank": 64, "lora_alpha": 64.0},
+    "lora-r64 (default)": {"expert": "lora", "lora_rank": 64},
+    "lora-r16": {"expert": "lora", "lora_rank": 16},
+    "lora-r4": {"expert": "lora", "lora_rank": 4},
     "ffn": {"expert": "ffn"},
 }
 

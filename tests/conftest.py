@@ -101,7 +101,7 @@ def records(n: int, offset: int = 0) -> list[Any]:
 def tiny_config(**overrides: Any) -> Any:
     from lemoe import LEMoEConfig
 
-    base = dict(layer=1, max_steps=15, lr=5e-2, lora_rank=4)
+    base = dict(layer=1, max_steps=15, lr=5e-2, lora_rank=4, lora_alpha=16.0)
     base.update(overrides)
     return LEMoEConfig(**base)
 

@@ -34,8 +34,14 @@ class LEMoEConfig:
         default="lora",
         metadata={"help": "'lora': low-rank bottleneck expert (small); 'ffn': full copy-shaped FFN (paper)"},
     )
-    lora_rank: int = field(default=16, metadata={"help": "bottleneck width of a 'lora' expert"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "scale of a 'lora' expert is alpha / rank"})
+    lora_rank: int = field(
+        default=64,
+        metadata={"help": "bottleneck width of a 'lora' expert (64 measured best on cost and Gen: "
+                  "benchmarks/edit_speed.py)"},
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "scale of a 'lora' expert is alpha / rank; None = rank (scale 1)"}
+    )
     top_k: int = field(default=1, metadata={"help": "experts mixed per sequence (gates renormalised over them)"})
 
     # -- KV anchor routing --
@@ -97,7 +103,9 @@ class LEMoEConfig:
             raise ValueError(f"min_steps must be an int in [0, max_steps={self.max_steps}], got {self.min_steps!r}")
         for name in ("lr", "lora_alpha"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
+            if name == "lora_alpha" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -126,6 +134,11 @@ class LEMoEConfig:
     @classmethod
     def from_json(cls, text: str) -> "LEMoEConfig":
         return cls.from_dict(json.loads(text))
+
+    @property
+    def lora_scale(self) -> float:
+        """Multiplier of a 'lora' expert's output: alpha / rank (1 unless alpha is set)."""
+        return 1.0 if self.lora_alpha is None else self.lora_alpha / self.lora_rank
 
     def resolve_layer(self, num_layers: int) -> int:
         """The decoder layer index to wrap, checked against the model's depth."""

@@ -22,11 +22,11 @@ from .router import KVAnchorRouter, Route
 
 
 class LoRAExpert(nn.Module):
-    """E(x) = (alpha / r) * B A x with B = 0 at creation: a zero function until trained."""
+    """E(x) = scaling * B A x with B = 0 at creation: a zero function until trained."""
 
-    def __init__(self, hidden_size: int, rank: int, alpha: float, generator: torch.Generator) -> None:
+    def __init__(self, hidden_size: int, rank: int, scaling: float, generator: torch.Generator) -> None:
         super().__init__()
-        self.scaling = alpha / rank
+        self.scaling = scaling
         self.lora_A = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) / hidden_size**0.5)
         self.lora_B = nn.Parameter(torch.zeros(hidden_size, rank))
 
@@ -101,7 +101,7 @@ class LEMoELayer(nn.Module):
         """A zero-function expert on the base layer's device, in fp32 (trains well for any model dtype)."""
         generator = torch.Generator().manual_seed(self.config.seed + 7919 * (self.num_experts + 1))
         if self.config.expert == "lora":
-            expert: nn.Module = LoRAExpert(self.hidden_size, self.config.lora_rank, self.config.lora_alpha, generator)
+            expert: nn.Module = LoRAExpert(self.hidden_size, self.config.lora_rank, self.config.lora_scale, generator)
         else:
             expert = FFNExpert(self.base_layer, self.layout)
         return expert.to(next(self.base_layer.parameters()).device)
