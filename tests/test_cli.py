@@ -85,3 +85,26 @@ def test_bench_order_sensitivity(model_dir, data_file, tmp_path, capsys):
     result = json.loads((out / "order_sensitivity.json").read_text())
     assert [r["run"] for r in result["runs"]] == ["random_seed0", "random_seed1", "cluster"]
     assert (out / "order_sensitivity.png").exists() and (out / "cluster" / "summary.json").exists()
+
+
+def test_bench_compares_methods(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    overrides = tmp_path / "methods.json"
+    overrides.write_text(json.dumps({"grace": {"radius": 2.0}, "wise": {"shard_edits": 2}}))
+    code = main(["bench", "--data", str(data_file), "--T", "6", "--batch-size", "2", "--method",
+                 "lemoe,ft-l,memoe,grace,wise", "--method-config", str(overrides), "--out", str(out),
+                 "--model", str(model_dir), "--layer", "1", "--max-steps", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert all(m in printed for m in ("lemoe", "ft-l", "memoe", "grace", "wise")) and "adapter bytes" in printed
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["methods"]["grace"]["config"]["radius"] == 2.0
+    assert result["methods"]["wise"]["config"]["shard_edits"] == 2
+    assert all(s["config"]["layer"] == 1 for s in result["methods"].values())
+    assert (out / "comparison.md").exists() and (out / "forgetting_curves.png").exists()
+
+
+def test_bench_refuses_an_unknown_method(model_dir, data_file, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown --method rome"):
+        main(["bench", "--data", str(data_file), "--method", "lemoe,rome", "--out", str(tmp_path / "x"),
+              "--model", str(model_dir)])

@@ -17,6 +17,7 @@ import logging
 import platform
 import resource
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from .data import EditRecord
 from .editor import EditReport, LifelongEditor
 from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
                       target_perplexity, token_accuracy)
-from .planning import ORDER_MODES, plan_order
+from .planning import ORDER_MODES, OrderPlan, plan_order
 
 logger = logging.getLogger("lemoe")
 
@@ -78,22 +79,26 @@ class Evaluator:
         self.ppl_before = target_perplexity(model, tokenizer, [r.prompt for r in self.records],
                                             [r.target for r in self.records])
 
-    def evaluate(self, editor: LifelongEditor, indices: Sequence[int]) -> dict[str, list[Any]]:
-        """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined."""
-        model, tok, adaptor = self.model, self.tokenizer, editor.adaptor
+    def evaluate(self, editor: Any, indices: Sequence[int], generative: bool | None = None) -> dict[str, list[Any]]:
+        """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined.
+
+        `editor` is a LifelongEditor or a baseline editor: scoring happens inside its `prompt_positions`.
+        """
+        model, tok, router = self.model, self.tokenizer, editor
+        generative = self.generative if generative is None else generative
         chosen = [self.records[i] for i in indices]
         prompts, targets = [r.prompt for r in chosen], [r.target for r in chosen]
-        edit_scores = score_answers(model, tok, prompts, targets, adaptor)  # Rel and perplexity, one pass
+        edit_scores = score_answers(model, tok, prompts, targets, router)  # Rel and perplexity, one pass
         rel = edit_scores.accuracy()
         with_rephrase = [k for k, r in enumerate(chosen) if r.rephrase]
         gen_values = token_accuracy(model, tok, [chosen[k].rephrase or "" for k in with_rephrase],
-                                    [targets[k] for k in with_rephrase], adaptor) if with_rephrase else []
+                                    [targets[k] for k in with_rephrase], router) if with_rephrase else []
         with_loc = [k for k, i in enumerate(indices) if i in self.unedited_loc]
         loc_values = agreement(
             answer_predictions(model, tok, [chosen[k].locality_prompt or "" for k in with_loc],
-                               [chosen[k].locality_answer or "" for k in with_loc], adaptor),
+                               [chosen[k].locality_answer or "" for k in with_loc], router),
             [self.unedited_loc[indices[k]] for k in with_loc]) if with_loc else []
-        gen_em = generative_exact_match(model, tok, prompts, targets) if self.generative else [None] * len(chosen)
+        gen_em = generative_exact_match(model, tok, prompts, targets) if generative else [None] * len(chosen)
         return {
             "rel": rel,
             "gen": _scatter(len(chosen), with_rephrase, gen_values),
@@ -128,27 +133,41 @@ def run_bench(
     tokenizer: Any,
     records: Sequence[EditRecord],
     settings: BenchSettings,
-    config: LEMoEConfig | None = None,
+    config: Any = None,
     out_dir: str | Path | None = None,
     on_batch: Callable[[EditReport], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one protocol end to end; returns summary.json's content and writes the result directory."""
+    """Run one protocol end to end with `settings.method` (LEMoE or a baseline, `config` of that method);
+    returns summary.json's content and writes the result directory."""
+    from .baselines import make_editor
+
     if settings.T > len(records):
         raise ValueError(f"T={settings.T} but the data holds only {len(records)} records")
     records = list(records[: settings.T])
-    editor = LifelongEditor(model, tokenizer, config or LEMoEConfig())
+    started_all = time.perf_counter()
+    plan_config = config if settings.method == "lemoe" else None
+    plan = _plan(model, tokenizer, records, settings, plan_config)  # before any edit: one order for every method
+    editor = make_editor(settings.method, model, tokenizer, config)
     try:
-        return _run(editor, model, tokenizer, records, settings, out_dir, on_batch)
+        return _run(editor, model, tokenizer, records, settings, plan, out_dir, on_batch, started_all)
     finally:
         editor.unload()
 
 
-def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list[EditRecord],
-         settings: BenchSettings, out_dir: str | Path | None,
-         on_batch: Callable[[EditReport], None] | None) -> dict[str, Any]:
-    started_all = time.perf_counter()
-    plan = plan_order(editor.pooled_prompts([r.prompt for r in records]), settings.batch_size, settings.order,
-                      settings.seed)
+def _plan(model: nn.Module, tokenizer: Any, records: list[EditRecord], settings: BenchSettings,
+          config: LEMoEConfig | None) -> OrderPlan:
+    """The batch order, planned in LEMoE's routing space on the unedited model, whatever the method."""
+    planner = LifelongEditor(model, tokenizer, config or LEMoEConfig())
+    try:
+        vectors = planner.pooled_prompts([r.prompt for r in records])
+    finally:
+        planner.unload()
+    return plan_order(vectors, settings.batch_size, settings.order, settings.seed)
+
+
+def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord], settings: BenchSettings,
+         plan: OrderPlan, out_dir: str | Path | None, on_batch: Callable[[EditReport], None] | None,
+         started_all: float) -> dict[str, Any]:
     evaluator = Evaluator(model, tokenizer, records, settings.generative)
     expert_of: dict[int, int] = {}
     batch_of: dict[int, int] = {}
@@ -160,8 +179,8 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         report = editor.edit([records[i] for i in batch])
         edit_seconds += report.seconds
         done.extend(batch)
-        for i in batch:
-            expert_of[i], batch_of[i] = report.expert, b
+        for i, stored in zip(batch, editor.edits[-len(batch):]):
+            expert_of[i], batch_of[i] = stored["expert"], b
         row: dict[str, Any] = {"batch": b, "edits_so_far": len(done), "seconds": report.seconds,
                                "steps": report.steps, "expert": report.expert}
         if settings.protocol == "immediate":
@@ -169,14 +188,18 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
             for k, i in enumerate(batch):
                 immediate[i] = {key: values[k] for key, values in scores.items()}
             row.update({f"immediate_{k}": v for k, v in aggregate(scores).items()})
-        if settings.protocol == "curve" and ((b + 1) % settings.curve_every == 0 or b == len(plan.batches) - 1):
-            row.update({f"curve_{k}": v for k, v in aggregate(evaluator.evaluate(editor, done)).items()})
+        last = b == len(plan.batches) - 1  # its curve point is the final evaluation, taken once below
+        if settings.protocol == "curve" and (b + 1) % settings.curve_every == 0 and not last:
+            curve = aggregate(evaluator.evaluate(editor, done, generative=False))  # generation: final only
+            row.update({f"curve_{k}": v for k, v in curve.items() if k != "gen_em"})
         timeline.append(row)
         if on_batch is not None:
             on_batch(report)
     order = plan.order
     final_scores = evaluator.evaluate(editor, order)
     final = aggregate(final_scores)
+    if settings.protocol == "curve" and timeline:
+        timeline[-1].update({f"curve_{k}": v for k, v in final.items() if k != "gen_em"})
     per_edit = []
     for k, i in enumerate(order):
         entry = {"index": i, "id": records[i].id, "prompt": records[i].prompt, "target": records[i].target,
@@ -189,6 +212,7 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         per_edit.append(entry)
     immediate_scores = aggregate({key: [immediate[i][key] for i in order] for key in final}) if immediate else None
     headline = immediate_scores if immediate_scores is not None else final
+    routes = getattr(editor, "has_routing", True)
     summary = {
         "method": settings.method,
         "model": settings.model,
@@ -199,10 +223,12 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         "protocol": settings.protocol,
         **{k: headline[k] for k in ("rel", "gen", "loc", "gen_em")},
         "routing_consistency": editor.routing_consistency(),
-        "routed_to_own_expert": mean([float(p["routed_expert"] == p["expert"]) for p in per_edit]),
+        "routed_to_own_expert": mean([float(p["routed_expert"] == p["expert"]) for p in per_edit]) if routes else None,
         "rephrase_routed_to_own_expert": _mean_defined([float(p["rephrase_routed_expert"] == p["expert"])
-                                                        for p in per_edit if records[p["index"]].rephrase]),
+                                                        for p in per_edit if records[p["index"]].rephrase])
+        if routes else None,
         "seconds_per_edit": edit_seconds / len(records),
+        "adapter_bytes": saved_size(editor),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": settings.seed,
         "lemoe_version": __version__,
@@ -215,12 +241,86 @@ def _run(editor: LifelongEditor, model: nn.Module, tokenizer: Any, records: list
         "between_batch_similarity": plan.between_batch_similarity,
         "experts": editor.num_experts,
         "config": editor.config.to_dict(),
+        "curve": [{"edits": row["edits_so_far"], **{k: row[f"curve_{k}"] for k in ("rel", "gen", "loc")}}
+                  for row in timeline if "curve_rel" in row],
         "wall_seconds": time.perf_counter() - started_all,
         **provenance(),
     }
     if out_dir is not None:
         write_results(Path(out_dir), summary, per_edit, timeline, settings)
     return summary
+
+
+def run_comparison(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[EditRecord],
+    settings: BenchSettings,
+    methods: Sequence[str],
+    configs: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    on_batch: Callable[[EditReport], None] | None = None,
+    curve_points: int = 5,
+) -> dict[str, Any]:
+    """Every method in turn on the same records, order and metrics; one `run_bench` per method.
+
+    Scores are the final protocol; the forgetting curve (all edits so far, every T/`curve_points`
+    edits) is recorded on the way. Writes `<method>/` result directories, `comparison.json`
+    (one summary per method), `comparison.md` (the table) and `forgetting_curves.png`.
+    """
+    from .baselines import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    root = Path(out_dir) if out_dir is not None else None
+    batches = -(-min(settings.T, len(records)) // settings.batch_size)
+    every = max(1, batches // curve_points)
+    summaries: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        run_settings = replace(settings, method=method, protocol="curve", curve_every=every)
+        summaries[method] = run_bench(model, tokenizer, records, run_settings, (configs or {}).get(method),
+                                      root / method if root is not None else None, on_batch)
+    result = {"benchmark": "comparison", "model": settings.model, "data": settings.data, "T": settings.T,
+              "batch_size": settings.batch_size, "order": settings.order,
+              "metric_protocol": "final (teacher-forced; gen_em generative); curves: curve protocol, teacher-forced",
+              "methods": summaries, **provenance()}
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+        (root / "comparison.md").write_text(comparison_table(result))
+        from .plots import plot_forgetting_curves
+
+        plot_forgetting_curves(root / "forgetting_curves.png", {m: s["curve"] for m, s in summaries.items()})
+    return result
+
+
+def comparison_rows(result: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """(method, Rel, Gen, Loc, average, exact match, s/edit, adapter bytes) per method, final protocol."""
+    rows = []
+    for method, summary in result["methods"].items():
+        final = summary["final"]
+        parts = [final[k] for k in ("rel", "gen", "loc") if final[k] is not None]
+        rows.append((method, final["rel"], final["gen"], final["loc"], sum(parts) / len(parts) if parts else None,
+                     final["gen_em"], summary["seconds_per_edit"], summary["adapter_bytes"]))
+    return rows
+
+
+COMPARISON_COLUMNS = ("method", "Rel", "Gen", "Loc", "average", "exact match", "s/edit", "adapter bytes")
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    """comparison.md: one row per method."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [f"# Comparison: {result['data']}, T={result['T']}, batch {result['batch_size']}, {result['order']} order",
+             "", "Final protocol; Rel / Gen / Loc teacher-forced, exact match generative (greedy).", "",
+             "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in comparison_rows(result)]
+    return "\n".join(lines) + "\n"
 
 
 def run_order_sensitivity(
@@ -281,6 +381,13 @@ def run_order_sensitivity(
                      "cluster": [r[metric] for r in runs if r["order"] == "cluster"]}
             for metric in ("rel", "gen", "loc")})
     return result
+
+
+def saved_size(editor: Any) -> int:
+    """Bytes of the editor's saved state on disk (its whole adapter directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        editor.save(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
 
 
 def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, Any]],

@@ -181,12 +181,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(data=str(args.data), T=args.T, batch_size=args.batch_size, order=args.order,
                              protocol=args.protocol, seed=args.seed_order, curve_every=args.curve_every,
                              generative=not args.no_generative, model=args.model or "smollm2-135m")
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    configs = _method_configs(args, methods)
     records = read_edits(args.data, format=args.format)
     model, tok = _load(args, args.model)
     if args.order_sensitivity:
+        if methods != ["lemoe"]:
+            raise SystemExit("lemoe bench: --order-sensitivity runs lemoe only; leave out --method")
         return _bench_order_sensitivity(args, model, tok, records, settings)
-    with _progress(min(args.T, len(records)), f"editing ({args.protocol}, {args.order} order)") as bar:
-        summary = run_bench(model, tok, records, settings, _config_from(args), args.out,
+    if len(methods) > 1:
+        return _bench_comparison(args, model, tok, records, settings, methods, configs)
+    settings.method = methods[0]
+    with _progress(min(args.T, len(records)), f"{methods[0]} ({args.protocol}, {args.order} order)") as bar:
+        summary = run_bench(model, tok, records, settings, configs[methods[0]], args.out,
                             on_batch=lambda report: bar.update(report.num_edits))
     print(f"\n{summary['method']} on {Path(args.data).name}: T={summary['T']}, batch {summary['batch_size']}, "
           f"{summary['order']} order, {summary['protocol']} protocol")
@@ -202,6 +209,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ]
     print(_table(rows, ["metric", "protocol", "value"]))
     print(f"results: {args.out} (summary.json, edits.jsonl, timeline.csv, *.png)")
+    return 0
+
+
+def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """Each method's config: LEMoE from the flags; a baseline from its defaults, --layer and --method-config."""
+    from .baselines import BASELINES, METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"lemoe bench: unknown --method {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{', '.join(METHODS)}")
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.method_config:
+        try:
+            overrides = json.loads(Path(args.method_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"lemoe bench: cannot read --method-config {args.method_config}: {err}") from None
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise SystemExit(f"lemoe bench: --method-config {args.method_config} must be a JSON object of objects")
+    configs: dict[str, Any] = {}
+    for name in methods:
+        try:
+            if name == "lemoe":
+                configs[name] = type(_config_from(args)).from_dict({**_config_from(args).to_dict(),
+                                                                     **overrides.get(name, {})})
+            else:
+                fields = {**({"layer": args.layer} if args.layer is not None else {}), **overrides.get(name, {})}
+                configs[name] = BASELINES[name].config_class(**fields)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"lemoe bench: bad config for {name}: {err}") from None
+    return configs
+
+
+def _bench_comparison(args: argparse.Namespace, model: Any, tok: Any, records: list[Any], settings: Any,
+                      methods: list[str], configs: dict[str, Any]) -> int:
+    from .bench import COMPARISON_COLUMNS, comparison_rows, run_comparison
+
+    total = min(args.T, len(records)) * len(methods)
+    with _progress(total, f"{len(methods)} methods ({args.order} order)") as bar:
+        result = run_comparison(model, tok, records, settings, methods, configs, args.out,
+                                on_batch=lambda report: bar.update(report.num_edits), curve_points=args.curve_points)
+    print(f"\ncomparison on {Path(args.data).name}: T={result['T']}, batch {result['batch_size']}, {args.order} "
+          "order, final protocol (Rel/Gen/Loc teacher-forced, exact match generative)")
+    print(_table(comparison_rows(result), COMPARISON_COLUMNS))
+    print(f"results: {args.out} (comparison.json, comparison.md, forgetting_curves.png, one directory per method)")
     return 0
 
 
@@ -349,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--order-sensitivity", type=int, default=0, metavar="N",
                        help="instead of one run: N random orders (seeds S..S+N-1) and the cluster order, each in "
                        "OUT/<run>/, with order_sensitivity.json and a violin plot in OUT")
+    bench.add_argument("--method", default="lemoe", metavar="NAME[,NAME...]",
+                       help="editor(s) to run: lemoe, ft-l, memoe, grace, wise. Several (comma-separated) run one "
+                       "after another on the same records and order, into OUT/<method>/, with comparison.json, "
+                       "comparison.md and forgetting_curves.png in OUT (final protocol; curve recorded on the way)")
+    bench.add_argument("--curve-points", type=int, default=5, metavar="N",
+                       help="with several methods: points on each forgetting curve (every T/N edits)")
+    bench.add_argument("--method-config", default=None, metavar="FILE",
+                       help="JSON object {method: {field: value}} overriding a baseline's config fields (the "
+                       "LEMoE flags above apply to lemoe only; --layer to every method)")
     bench.add_argument("--out", required=True, help="result directory")
     bench.set_defaults(func=cmd_bench)
 

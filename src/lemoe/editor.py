@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ class EditReport:
     final_loss: float
     train_accuracy: list[float]
     routed_to_own: list[bool]
-    anchor: AnchorFit
+    anchor: AnchorFit | None = None  # LEMoE only: the new expert's key and acceptance region
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +49,38 @@ def builtin_negatives() -> list[str]:
     """Generic prompts unrelated to any edit, written for lemoe: where no expert may fire."""
     text = resources.files("lemoe").joinpath("resources/negatives.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def check_adapter_matches(model: nn.Module, state: AdapterState, directory: str | Path) -> None:
+    """Refuse an adapter made for another architecture, size or set of weights."""
+    identity = base_model_identity(model)
+    for key in ("architecture", "num_layers", "hidden_size", "vocab_size"):
+        if state.base_model.get(key) != identity[key]:
+            raise AdapterError(
+                f"{directory}: adapter was made for {state.base_model.get('name_or_path')!r} "
+                f"({key}={state.base_model.get(key)!r}), this model has {key}={identity[key]!r}"
+            )
+    layout = find_layout(model)
+    layers = decoder_layers(model, layout)
+    if not 0 <= state.layer < len(layers):
+        raise AdapterError(f"{directory}: saved layer {state.layer} is out of range for this model")
+    base_ffn = getattr(layers[state.layer], layout.mlp_attr)
+    if not fingerprints_match(weight_fingerprint(getattr(base_ffn, "base_layer", base_ffn)), state.fingerprint):
+        raise AdapterError(
+            f"{directory}: adapter was made for other weights ({state.base_model.get('name_or_path')!r}); "
+            f"the FFN weights of layer {state.layer} of this model differ"
+        )
+
+
+def checked_records(records: Sequence[EditRecord], method: str = "edit") -> list[EditRecord]:
+    """The batch as a list; an empty batch or a non-EditRecord item is refused by name."""
+    records = list(records)
+    if not records:
+        raise DataError(f"{method}() needs at least one EditRecord")
+    for i, record in enumerate(records):
+        if not isinstance(record, EditRecord):
+            raise DataError(f"{method}(): item {i} is a {type(record).__name__}, not an EditRecord")
+    return records
 
 
 class LifelongEditor:
@@ -115,12 +147,7 @@ class LifelongEditor:
     def edit(self, records: Sequence[EditRecord]) -> EditReport:
         """Train one new expert on this batch of edits; every earlier expert and key stays untouched."""
         self._check_attached()
-        records = list(records)
-        if not records:
-            raise DataError("edit() needs at least one EditRecord")
-        for i, record in enumerate(records):
-            if not isinstance(record, EditRecord):
-                raise DataError(f"edit(): item {i} is a {type(record).__name__}, not an EditRecord")
+        records = checked_records(records)
         started = time.perf_counter()
         labels = [f"edit {len(self.edits) + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
         batch = encode_pairs(self.tokenizer, [r.prompt for r in records], [r.target for r in records],
@@ -231,6 +258,10 @@ class LifelongEditor:
             return []
         return self.adaptor.route(self.pooled_prompts(prompts)).top1()
 
+    def prompt_positions(self, mask: torch.Tensor) -> ContextManager[None]:
+        """Inside the block, each row is routed on the positions where `mask` is 1 (scoring prompt + answer)."""
+        return self.adaptor.prompt_positions(mask)
+
     def routing_consistency(self) -> float:
         """Share of stored edits whose prompt routes to the expert trained on it, through the current
         value function (with frozen statistics the same values as the anchors themselves)."""
@@ -300,22 +331,12 @@ class LifelongEditor:
     ) -> "LifelongEditor":
         """Attach a saved adapter to `model`; refused if it was made for another model."""
         state, tensors = load_adapter(directory)
-        identity = base_model_identity(model)
-        for key in ("architecture", "num_layers", "hidden_size", "vocab_size"):
-            if state.base_model.get(key) != identity[key]:
-                raise AdapterError(
-                    f"{directory}: adapter was made for {state.base_model.get('name_or_path')!r} "
-                    f"({key}={state.base_model.get(key)!r}), this model has {key}={identity[key]!r}"
-                )
+        if state.method != "lemoe":
+            raise AdapterError(f"{directory}: holds the state of the {state.method!r} baseline, not a LEMoE adapter; "
+                               "load it with lemoe.baselines.load_editor")
+        check_adapter_matches(model, state, directory)
         config = LEMoEConfig.from_dict(state.config)
-        layout = find_layout(model)
-        base_ffn = getattr(decoder_layers(model, layout)[state.layer], layout.mlp_attr)
-        if not fingerprints_match(weight_fingerprint(getattr(base_ffn, "base_layer", base_ffn)), state.fingerprint):
-            raise AdapterError(
-                f"{directory}: adapter was made for other weights ({state.base_model.get('name_or_path')!r}); "
-                f"the FFN weights of layer {state.layer} of this model differ"
-            )
-        if config.resolve_layer(identity["num_layers"]) != state.layer:
+        if config.resolve_layer(len(decoder_layers(model, find_layout(model)))) != state.layer:
             raise AdapterError(f"{directory}: config layer does not match the saved layer {state.layer}")
         editor = cls(model, tokenizer, config, output_dir=output_dir)
         try:

@@ -7,25 +7,31 @@
   the edited model's argmax equals the unedited model's argmax.
 - Generative exact match: greedy decoding from the prompt must produce the target tokens verbatim.
 
-Routing is decided on the prompt tokens only, as it is at generation time.
+Routing is decided on the prompt tokens only, as it is at generation time: scoring functions take
+the editor (anything with `prompt_positions(mask)`) and score inside that context.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .encoding import answer_logits, encode_answer, encode_pairs, encode_prompts, max_context, pad_id
-from .layer import LEMoELayer
 
 
-def _routing_context(adaptor: LEMoELayer | None, mask: torch.Tensor) -> ContextManager[None]:
-    return adaptor.prompt_positions(mask) if adaptor is not None else nullcontext()
+class PromptRouter(Protocol):
+    """An editor (or LEMoE layer) that can be told which positions of each row are its prompt."""
+
+    def prompt_positions(self, mask: torch.Tensor) -> ContextManager[None]: ...
+
+
+def _routing_context(router: PromptRouter | None, mask: torch.Tensor) -> ContextManager[None]:
+    return router.prompt_positions(mask) if router is not None else nullcontext()
 
 
 @dataclass
@@ -51,7 +57,7 @@ def score_answers(
     tokenizer: Any,
     prompts: Sequence[str],
     answers: Sequence[str],
-    adaptor: LEMoELayer | None = None,
+    router: PromptRouter | None = None,
     batch_size: int = 16,
 ) -> AnswerScores:
     """One batched teacher-forced pass over the pairs, logits at answer positions only."""
@@ -60,7 +66,7 @@ def score_answers(
     for start in range(0, len(prompts), batch_size):
         batch = encode_pairs(tokenizer, prompts[start : start + batch_size], answers[start : start + batch_size],
                              max_context(model)).to(device)
-        with _routing_context(adaptor, batch.prompt_mask):
+        with _routing_context(router, batch.prompt_mask):
             logits = answer_logits(model, batch)  # (N, V)
         predicted = logits.argmax(dim=-1).cpu()
         nll = F.cross_entropy(logits, batch.targets, reduction="none").cpu()
@@ -74,21 +80,21 @@ def score_answers(
 
 
 def answer_predictions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
-                       adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[torch.Tensor]:
+                       router: PromptRouter | None = None, batch_size: int = 16) -> list[torch.Tensor]:
     """Per pair, the argmax token at every answer position (teacher-forced): what Loc compares."""
-    return score_answers(model, tokenizer, prompts, answers, adaptor, batch_size).predictions
+    return score_answers(model, tokenizer, prompts, answers, router, batch_size).predictions
 
 
 def token_accuracy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
-                   adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[float]:
+                   router: PromptRouter | None = None, batch_size: int = 16) -> list[float]:
     """Per pair, the fraction of answer tokens that are the argmax: Rel (or Gen on rephrases)."""
-    return score_answers(model, tokenizer, prompts, answers, adaptor, batch_size).accuracy()
+    return score_answers(model, tokenizer, prompts, answers, router, batch_size).accuracy()
 
 
 def target_perplexity(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                      adaptor: LEMoELayer | None = None, batch_size: int = 16) -> list[float]:
+                      router: PromptRouter | None = None, batch_size: int = 16) -> list[float]:
     """Per pair, exp(mean NLL of the target tokens given the prompt)."""
-    return score_answers(model, tokenizer, prompts, targets, adaptor, batch_size).perplexity()
+    return score_answers(model, tokenizer, prompts, targets, router, batch_size).perplexity()
 
 
 def agreement(edited: Sequence[torch.Tensor], unedited: Sequence[torch.Tensor]) -> list[float]:

@@ -50,6 +50,7 @@ class AdapterState:
     edits: list[dict[str, Any]]
     lemoe_version: str
     format_version: int = FORMAT_VERSION
+    method: str = "lemoe"  # or a baseline's name (lemoe.baselines): which editor class can load it
 
     def header(self) -> dict[str, Any]:
         """adapter_config.json: the state without the edit list."""
@@ -58,6 +59,7 @@ class AdapterState:
             "format_version": self.format_version,
             "lemoe_version": self.lemoe_version,
             "peft_type": "LEMOE",
+            "method": self.method,
             "config": self.config,
             "base_model": self.base_model,
             "base_model_name_or_path": self.base_model.get("name_or_path", ""),
@@ -151,6 +153,7 @@ def _read_adapter(directory: Path, with_tensors: bool) -> tuple[AdapterState, di
     state = AdapterState(
         config=raw["config"], base_model=raw["base_model"], fingerprint=raw["fingerprint"], layer=raw["layer"],
         num_experts=raw["num_experts"], edits=raw["edits"], lemoe_version=raw["lemoe_version"], format_version=version,
+        method=raw.get("method", "lemoe"),
     )
     if _views_stale(directory, state):
         logger.warning("%s: adapter_config.json / edits.jsonl were out of date (interrupted save); rewriting", directory)
@@ -169,6 +172,15 @@ def _views_stale(directory: Path, state: AdapterState) -> bool:
 
 def model_card(state: AdapterState) -> str:
     cfg = state.config
+    if state.method != "lemoe":
+        return (
+            f"# {state.method} baseline editor state\n\n"
+            f"Made with lemoe {state.lemoe_version} for `{state.base_model.get('name_or_path')}`: "
+            f"{len(state.edits)} edits at decoder layer {state.layer}.\n\n"
+            "```python\nfrom lemoe import load_model\nfrom lemoe.baselines import load_editor\n"
+            f"model, tok = load_model({state.base_model.get('name_or_path')!r})\n"
+            "editor = load_editor(model, tok, 'THIS_DIRECTORY')\n```\n"
+        )
     return (
         "# LEMoE adapter\n\n"
         f"Lifelong-editing adapter made with lemoe {state.lemoe_version} for `{state.base_model.get('name_or_path')}` "

@@ -18,11 +18,11 @@ def _pyplot() -> Any:
 
 def plot_results(out: Path, summary: dict[str, Any], per_edit: Sequence[dict[str, Any]],
                  timeline: Sequence[dict[str, Any]]) -> list[Path]:
-    return [
-        plot_reliability_over_time(out / "reliability_over_time.png", summary, per_edit, timeline),
-        plot_routing_heatmap(out / "routing_heatmap.png", per_edit, int(summary["experts"])),
-        plot_expert_usage(out / "expert_usage.png", per_edit, int(summary["experts"])),
-    ]
+    paths = [plot_reliability_over_time(out / "reliability_over_time.png", summary, per_edit, timeline)]
+    if summary.get("method", "lemoe") == "lemoe":  # expert routing plots: one expert per batch
+        paths += [plot_routing_heatmap(out / "routing_heatmap.png", per_edit, int(summary["experts"])),
+                  plot_expert_usage(out / "expert_usage.png", per_edit, int(summary["experts"]))]
+    return paths
 
 
 def plot_reliability_over_time(path: Path, summary: dict[str, Any], per_edit: Sequence[dict[str, Any]],
@@ -118,6 +118,26 @@ def plot_order_sensitivity(path: Path, values: dict[str, dict[str, Sequence[floa
         ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
         ax.set_title(f"{metric} (final, teacher-forced)", fontsize=9)
     fig.suptitle("order sensitivity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_forgetting_curves(path: Path, curves: dict[str, Sequence[dict[str, Any]]]) -> Path:
+    """One panel per metric: each method's score on all edits so far against edits applied (curve protocol)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    for ax, key, title in zip(axes, ("rel", "gen", "loc"), ("Rel", "Gen", "Loc")):
+        for method, points in curves.items():
+            defined = [(p["edits"], p[key]) for p in points if p.get(key) is not None]
+            if defined:
+                ax.plot(*zip(*defined), "o-", ms=3, label=method)
+        ax.set_title(f"{title} of all edits so far (curve, teacher-forced)", fontsize=9)
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("score")
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,9 +7,9 @@ returns the cached layer-L input. Logits are computed at answer positions only.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: LEMoELayer, route_ffn: nn.Module,
+    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: nn.Module, route_ffn: nn.Module,
     batch: TeacherForcedBatch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One frozen forward pass up to layer L's FFN: the input of decoder layer L (B, T, d), replayed
@@ -126,30 +126,63 @@ def train_expert(
     config: LEMoEConfig,
 ) -> TrainResult:
     """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
-    expert = adaptor.experts[expert_id]
-    params = list(expert.parameters())
+    forced = torch.full((batch.size,), expert_id, dtype=torch.long)
+    settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay)
+    return optimise(model, layers, layer_idx, batch, layer_input, list(adaptor.experts[expert_id].parameters()),
+                    settings, adaptor.forced_route(forced))
+
+
+@dataclass
+class OptimiseSettings:
+    lr: float
+    max_steps: int
+    min_steps: int = 0
+    early_stop: bool = True
+    weight_decay: float = 0.0
+
+
+def optimise(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    layer_idx: int,
+    batch: TeacherForcedBatch,
+    layer_input: torch.Tensor,
+    params: list[nn.Parameter],
+    settings: OptimiseSettings,
+    context: ContextManager[Any] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> TrainResult:
+    """AdamW on `params` against the answer tokens' NLL (+ `extra_loss()`), layers L..N only.
+
+    Stops early once every answer token is the argmax (after `min_steps`). `after_step` runs
+    after each update (a projection or a gradient mask, for methods that need one).
+    """
     for param in params:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    forced = torch.full((batch.size,), expert_id, dtype=torch.long)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps, loss_value = 0, float("nan")
     correct = torch.zeros(0, dtype=torch.bool)
     try:
-        with _eval_mode(model), replay_below(layers, layer_idx, layer_input), adaptor.forced_route(forced):
+        with _eval_mode(model), replay_below(layers, layer_idx, layer_input), (context or nullcontext()):
             while True:
                 logits = answer_logits(model, batch)  # (N, V)
                 targets = batch.targets.to(logits.device)
                 loss = F.cross_entropy(logits, targets)
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
                 correct = logits.argmax(dim=-1) == targets
                 loss_value = float(loss.detach())
-                done = config.early_stop and bool(correct.all()) and steps >= config.min_steps
-                if done or steps >= config.max_steps:
+                done = settings.early_stop and bool(correct.all()) and steps >= settings.min_steps
+                if done or steps >= settings.max_steps:
                     break
-                grads = torch.autograd.grad(loss, params)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)  # an unchosen expert gets None
                 for param, grad in zip(params, grads):
                     param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step()
                 steps += 1
     finally:
         for param in params:
