@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="local HF model directory (default: the built-in model)")
     parser.add_argument("--experts", type=int, nargs="+", default=[0, 10, 100, 1000])
     parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--routing-max", type=int, default=None,
+                        help="largest expert count of the routing table (default 100,000; 10,000 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,7 +117,8 @@ def main() -> None:
               f"{row['tokens_per_second_edited']:.1f} tokens/s", flush=True)
     hidden = int(model.get_input_embeddings().weight.shape[1])
     editor.unload()
-    scale_counts = [10, 100, 1000, 10_000] + ([] if args.quick else [100_000])
+    routing_max = args.routing_max or (10_000 if args.quick else 100_000)
+    scale_counts = [c for c in (10, 100, 1000, 10_000, 100_000) if c <= routing_max]
     routing = routing_scale(scale_counts, 10, hidden, args.device)
     result = {**header("inference_overhead", args, args.device),
               "generation": {"prompts": 2 * prompts_each, "new_tokens": args.new_tokens, "repeats": repeats,
