@@ -277,22 +277,38 @@ def run_comparison(
     batches = -(-min(settings.T, len(records)) // settings.batch_size)
     every = max(1, batches // curve_points)
     summaries: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {}
     for method in methods:
         run_settings = replace(settings, method=method, protocol="curve", curve_every=every)
         summaries[method] = run_bench(model, tokenizer, records, run_settings, (configs or {}).get(method),
                                       root / method if root is not None else None, on_batch)
-    result = {"benchmark": "comparison", "model": settings.model, "data": settings.data, "T": settings.T,
-              "batch_size": settings.batch_size, "order": settings.order,
-              "metric_protocol": "final (teacher-forced; gen_em generative); curves: curve protocol, teacher-forced",
-              "methods": summaries, **provenance()}
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
-        (root / "comparison.md").write_text(comparison_table(result))
-        from .plots import plot_forgetting_curves
-
-        plot_forgetting_curves(root / "forgetting_curves.png", {m: s["curve"] for m, s in summaries.items()})
+        result = comparison_result(summaries)
+        if root is not None:  # after every method: an interrupted comparison keeps what it measured
+            write_comparison(root, result)
     return result
+
+
+def comparison_result(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """comparison.json's content from per-method summaries of one setting (data, T, batch size, order)."""
+    first = next(iter(summaries.values()))
+    for method, summary in summaries.items():
+        for key in ("data", "T", "batch_size", "order"):
+            if summary[key] != first[key]:
+                raise ValueError(f"cannot compare {method}: its {key} is {summary[key]!r}, not {first[key]!r}")
+    return {"benchmark": "comparison", "model": first["model"], "data": first["data"], "T": first["T"],
+            "batch_size": first["batch_size"], "order": first["order"],
+            "metric_protocol": "final (teacher-forced; gen_em generative); curves: curve protocol, teacher-forced",
+            "methods": summaries, **provenance()}
+
+
+def write_comparison(root: Path, result: dict[str, Any]) -> None:
+    """comparison.json, comparison.md and forgetting_curves.png in `root`."""
+    from .plots import plot_forgetting_curves
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "comparison.md").write_text(comparison_table(result))
+    plot_forgetting_curves(root / "forgetting_curves.png", {m: s["curve"] for m, s in result["methods"].items()})
 
 
 def comparison_rows(result: dict[str, Any]) -> list[tuple[Any, ...]]:
