@@ -273,6 +273,8 @@ def run_comparison(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if curve_points < 1:
+        raise ValueError(f"curve_points must be >= 1, got {curve_points}")
     root = Path(out_dir) if out_dir is not None else None
     batches = -(-min(settings.T, len(records)) // settings.batch_size)
     every = max(1, batches // curve_points)

@@ -232,8 +232,8 @@ def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict[str, A
     for name in methods:
         try:
             if name == "lemoe":
-                configs[name] = type(_config_from(args)).from_dict({**_config_from(args).to_dict(),
-                                                                     **overrides.get(name, {})})
+                flags = _config_from(args)
+                configs[name] = type(flags).from_dict({**flags.to_dict(), **overrides.get(name, {})})
             else:
                 fields = {**({"layer": args.layer} if args.layer is not None else {}), **overrides.get(name, {})}
                 configs[name] = BASELINES[name].config_class(**fields)
