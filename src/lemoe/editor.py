@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
-from .encoding import TeacherForcedBatch, encode_pairs, encode_prompts, max_context
+from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch
 from .layer import LEMoELayer, install_call_observer, install_route_tap
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
@@ -81,6 +81,13 @@ def checked_records(records: Sequence[EditRecord], method: str = "edit") -> list
         if not isinstance(record, EditRecord):
             raise DataError(f"{method}(): item {i} is a {type(record).__name__}, not an EditRecord")
     return records
+
+
+def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int) -> TeacherForcedBatch:
+    """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt."""
+    labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
+    return encode_pairs(tokenizer, [r.prompt for r in records], [r.target for r in records], max_context(model),
+                        labels)
 
 
 class LifelongEditor:
@@ -149,9 +156,7 @@ class LifelongEditor:
         self._check_attached()
         records = checked_records(records)
         started = time.perf_counter()
-        labels = [f"edit {len(self.edits) + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
-        batch = encode_pairs(self.tokenizer, [r.prompt for r in records], [r.target for r in records],
-                             max_context(self.model), labels).to(self.input_device)
+        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits)).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing vectors
         layer_input, route_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
                                                         self.route_ffn, batch)
@@ -241,15 +246,11 @@ class LifelongEditor:
             return torch.zeros(0, self.adaptor.hidden_size, device=self.device)
         vectors = []
         for start in range(0, len(prompts), batch_size):
-            batch = self._prompt_batch(prompts[start : start + batch_size])
+            batch = prompt_batch(self.tokenizer, prompts[start : start + batch_size]).to(self.input_device)
             states = capture_route_inputs(self.model, self.route_ffn, batch)
             vectors.append(self.adaptor.router.pool(states, batch.attention_mask).to(self.device))
         return torch.cat(vectors, dim=0)
 
-    def _prompt_batch(self, prompts: Sequence[str]) -> TeacherForcedBatch:
-        ids, mask = encode_prompts(self.tokenizer, prompts, left_pad=False)
-        empty = torch.zeros(0, dtype=torch.long)
-        return TeacherForcedBatch(ids, mask, mask, empty, empty, empty).to(self.input_device)
 
     def route(self, prompts: Sequence[str]) -> list[int | None]:
         """The expert each prompt is routed to, or None where every expert defers."""

@@ -125,3 +125,10 @@ def per_row_accuracy(correct: torch.Tensor, rows: torch.Tensor, batch_size: int)
     totals = torch.zeros(batch_size).index_add_(0, rows.cpu(), torch.ones(rows.numel()))
     hits = torch.zeros(batch_size).index_add_(0, rows.cpu(), correct.float().cpu())
     return hits / totals.clamp(min=1)
+
+
+def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> TeacherForcedBatch:
+    """Prompts alone (right-padded, no answers): for capture passes that pool or route on them."""
+    ids, mask = encode_prompts(tokenizer, prompts, left_pad=False)
+    empty = torch.zeros(0, dtype=torch.long)
+    return TeacherForcedBatch(ids, mask, mask, empty, empty, empty)

@@ -21,12 +21,12 @@ from torch import nn
 
 from .. import __version__
 from ..data import EditRecord
-from ..editor import EditReport, check_adapter_matches, checked_records
-from ..encoding import TeacherForcedBatch, encode_pairs, max_context
+from ..editor import EditReport, check_adapter_matches, checked_records, encode_edits
+from ..encoding import TeacherForcedBatch, prompt_batch
 from ..layer import install_call_observer
 from ..models import FFNLayout, base_model_identity, decoder_layers, find_layout, weight_fingerprint
 from ..persistence import AdapterError, AdapterState, load_adapter, save_adapter
-from ..training import OptimiseSettings, TrainResult, capture_layer_inputs
+from ..training import OptimiseSettings, TrainResult, capture_layer_inputs, capture_route_inputs
 
 logger = logging.getLogger("lemoe")
 
@@ -110,10 +110,15 @@ class PromptRoutedFFN(nn.Module):
         finally:
             self._forced = None
 
-    def decide(self, x: torch.Tensor, mask: torch.Tensor) -> Any:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """What both `decide` and `apply` read, computed once per call (the input itself by default)."""
+        return x
+
+    def decide(self, prepared: torch.Tensor, mask: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def apply(self, x: torch.Tensor, decision: Any, mask: torch.Tensor, decoding: bool) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, prepared: torch.Tensor, decision: Any, mask: torch.Tensor,
+              decoding: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -126,14 +131,15 @@ class PromptRoutedFFN(nn.Module):
             mask = call_mask[:, -length:].to(x.device)
         else:
             mask = torch.ones(batch, length, device=x.device)
+        prepared = self.prepare(x)
         if self._forced is not None:
-            return self.apply(x, self._forced, mask, False)
+            return self.apply(x, prepared, self._forced, mask, False)
         if decoding and self._prompt_mask is None and self._cached is not None and self._cached[0] == batch:
-            return self.apply(x, self._cached[1], mask, True)
-        decision = self.decide(x, mask)
+            return self.apply(x, prepared, self._cached[1], mask, True)
+        decision = self.decide(prepared, mask)
         if self._prompt_mask is None:
             self._cached = (batch, decision)
-        return self.apply(x, decision, mask, False)
+        return self.apply(x, prepared, decision, mask, False)
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -206,9 +212,7 @@ class BaselineEditor:
         self._check_attached()
         records = checked_records(records)
         started = time.perf_counter()
-        labels = [f"edit {len(self.edits) + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
-        batch = encode_pairs(self.tokenizer, [r.prompt for r in records], [r.target for r in records],
-                             max_context(self.model), labels).to(self.input_device)
+        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits)).to(self.input_device)
         layer_input, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.module,
                                                       self.module, batch)
         result, slot = self.train_batch(records, batch, layer_input, ffn_input)
@@ -216,7 +220,7 @@ class BaselineEditor:
         for record, own in zip(records, slots):
             self.edits.append({**record.to_dict(), "batch": self.num_batches, "expert": own})
         self.num_batches += 1
-        routed = self.route([r.prompt for r in records]) if self.has_routing else [None] * len(records)
+        routed = self.route_states(ffn_input, batch.prompt_mask.to(ffn_input.device))  # prompts: causal
         report = EditReport(batch=self.num_batches - 1, expert=slots[0], num_edits=len(records), steps=result.steps,
                             seconds=time.perf_counter() - started, final_loss=result.final_loss,
                             train_accuracy=result.token_accuracy, routed_to_own=[r == s for r, s in zip(routed, slots)])
@@ -229,12 +233,26 @@ class BaselineEditor:
             return self.module.prompt_positions(mask)
         return nullcontext()
 
-    def route(self, prompts: Sequence[str]) -> list[int | None]:
-        """Where each prompt goes, where the method routes at all (else None for every prompt)."""
-        return [None] * len(prompts)
+    def route_states(self, ffn_input: torch.Tensor, mask: torch.Tensor) -> list[int | None]:
+        """Where each row goes, from layer L's FFN input on its prompt positions (`mask`); None where
+        the method does not route (or defers)."""
+        return [None] * int(ffn_input.shape[0])
+
+    def route(self, prompts: Sequence[str], batch_size: int = 32) -> list[int | None]:
+        """Where each prompt goes: `route_states` on a frozen pass that stops at layer L's FFN."""
+        out: list[int | None] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompt_batch(self.tokenizer, prompts[start : start + batch_size]).to(self.input_device)
+            states = capture_route_inputs(self.model, self.module, batch)
+            out.extend(self.route_states(states, batch.attention_mask.to(states.device)))
+        return out
 
     def routing_consistency(self) -> float | None:
-        return None
+        """Share of stored edits whose prompt still goes where it went when it was edited."""
+        if not self.has_routing or not self.edits:
+            return None
+        routed = self.route([e["prompt"] for e in self.edits])
+        return sum(r == e["expert"] for r, e in zip(routed, self.edits)) / len(self.edits)
 
     def pooled_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError(f"{self.method} has no routing space; plan the order with LEMoE's (lemoe.bench)")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..data import EditRecord
-from ..encoding import TeacherForcedBatch, encode_prompts
+from ..encoding import TeacherForcedBatch
 from ..persistence import AdapterState
-from ..training import TrainResult, capture_route_inputs, optimise
+from ..training import TrainResult, optimise
 from .base import BaselineEditor, MethodConfig, PromptRoutedFFN, expect_tensors, last_positions
 
 
@@ -58,7 +57,8 @@ class CodebookFFN(PromptRoutedFFN):
         nearest, entry = distance.min(dim=1)
         return torch.where(nearest <= self.radii.to(query.device)[entry], entry, torch.full_like(entry, -1))
 
-    def apply(self, x: torch.Tensor, decision: torch.Tensor, mask: torch.Tensor, decoding: bool) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, prepared: torch.Tensor, decision: torch.Tensor, mask: torch.Tensor,
+              decoding: bool) -> torch.Tensor:
         out = self.base_layer(x)
         decision = decision.to(x.device)
         if not bool((decision >= 0).any()):
@@ -123,24 +123,9 @@ class GRACEEditor(BaselineEditor):
                               self.config.optimise_settings())
         return result, entries
 
-    def route(self, prompts: Sequence[str]) -> list[int | None]:
-        """The codebook entry each prompt hits, or None where GRACE defers to the base FFN."""
-        out: list[int | None] = []
-        for start in range(0, len(prompts), 32):
-            ids, mask = encode_prompts(self.tokenizer, prompts[start : start + 32], left_pad=False)
-            empty = torch.zeros(0, dtype=torch.long)
-            batch = TeacherForcedBatch(ids, mask, mask, empty, empty, empty).to(self.input_device)
-            states = capture_route_inputs(self.model, self.module, batch)
-            decided = self.module.decide(states, batch.attention_mask.to(states.device))
-            out.extend(int(e) if e >= 0 else None for e in decided.tolist())
-        return out
-
-    def routing_consistency(self) -> float | None:
-        """Share of stored edits whose prompt still hits the entry it was written to."""
-        if not self.edits:
-            return None
-        routed = self.route([e["prompt"] for e in self.edits])
-        return sum(r == e["expert"] for r, e in zip(routed, self.edits)) / len(self.edits)
+    def route_states(self, ffn_input: torch.Tensor, mask: torch.Tensor) -> list[int | None]:
+        """The codebook entry each row hits, or None where GRACE defers to the base FFN."""
+        return [int(e) if e >= 0 else None for e in self.module.decide(ffn_input, mask).tolist()]
 
     @property
     def num_experts(self) -> int:

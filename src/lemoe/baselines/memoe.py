@@ -10,13 +10,13 @@ There is no deferral: every input goes through some expert.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import EditRecord
-from ..encoding import TeacherForcedBatch, encode_prompts
+from ..encoding import TeacherForcedBatch
 from ..layer import LoRAExpert
 from ..persistence import AdapterState
 from ..training import TrainResult, optimise
@@ -100,28 +100,9 @@ class MEMoEEditor(BaselineEditor):
             out.append(int(torch.bincount(chosen, minlength=self.config.num_experts).argmax()))
         return out
 
-    def route(self, prompts: Sequence[str]) -> list[int | None]:
-        """The expert most of each prompt's tokens are gated to, through the current gate."""
-        from ..encoding import TeacherForcedBatch as Batch
-        from ..training import capture_route_inputs
-
-        if not prompts:
-            return []
-        out: list[int | None] = []
-        for start in range(0, len(prompts), 32):
-            ids, mask = encode_prompts(self.tokenizer, prompts[start : start + 32], left_pad=False)
-            empty = torch.zeros(0, dtype=torch.long)
-            batch = Batch(ids, mask, mask, empty, empty, empty).to(self.input_device)
-            states = capture_route_inputs(self.model, self.module, batch)
-            out.extend(self._majority_experts(states, batch.attention_mask))
-        return out
-
-    def routing_consistency(self) -> float | None:
-        """Share of stored edits whose prompt the current gate still sends to the expert it was edited through."""
-        if not self.edits:
-            return None
-        routed = self.route([e["prompt"] for e in self.edits])
-        return sum(r == e["expert"] for r, e in zip(routed, self.edits)) / len(self.edits)
+    def route_states(self, ffn_input: torch.Tensor, mask: torch.Tensor) -> list[int | None]:
+        """The expert most of each row's prompt tokens are gated to, through the current gate."""
+        return list(self._majority_experts(ffn_input, mask))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.module.state_dict().items() if not k.startswith("base_layer.")}

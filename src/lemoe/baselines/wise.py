@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import EditRecord
-from ..encoding import TeacherForcedBatch, encode_prompts
+from ..encoding import TeacherForcedBatch, prompt_batch
 from ..persistence import AdapterState
 from ..training import TrainResult, capture_route_inputs, optimise
 from .base import BaselineEditor, MethodConfig, PromptRoutedFFN, expect_tensors
@@ -93,13 +93,18 @@ class SideMemoryFFN(PromptRoutedFFN):
         mask = mask.to(norms.dtype)
         return (norms * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
-    def decide(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(self.threshold):
-            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return self.activation_delta(self.parts.hidden(x), mask, self.side) > self.threshold
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN hidden activation h: the router and both memories read it."""
+        return self.parts.hidden(x)
 
-    def apply(self, x: torch.Tensor, decision: Any, mask: torch.Tensor, decoding: bool) -> torch.Tensor:
-        h = self.parts.hidden(x)
+    def decide(self, prepared: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(self.threshold):
+            return torch.zeros(prepared.shape[0], dtype=torch.bool, device=prepared.device)
+        return self.activation_delta(prepared, mask, self.side) > self.threshold
+
+    def apply(self, x: torch.Tensor, prepared: torch.Tensor, decision: Any, mask: torch.Tensor,
+              decoding: bool) -> torch.Tensor:
+        h = prepared
         out = self.parts.out(h)
         if isinstance(decision, str):  # "train": the shard being trained, for every row
             return out + (h.float() @ self.training_delta().T).to(out.dtype)
@@ -126,9 +131,7 @@ class WISEEditor(BaselineEditor):
         return SideMemoryFFN(base_ffn, FFNParts(base_ffn, self.layout))
 
     def _hidden_of(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = encode_prompts(self.tokenizer, list(prompts), left_pad=False)
-        empty = torch.zeros(0, dtype=torch.long)
-        batch = TeacherForcedBatch(ids, mask, mask, empty, empty, empty).to(self.input_device)
+        batch = prompt_batch(self.tokenizer, list(prompts)).to(self.input_device)
         with torch.no_grad():
             h = self.module.parts.hidden(capture_route_inputs(self.model, self.module, batch))
         return h, batch.attention_mask.to(h.device)
@@ -191,23 +194,10 @@ class WISEEditor(BaselineEditor):
             module.merged = module.side.clone()
             self.round_shards = []
 
-    def route(self, prompts: Sequence[str]) -> list[int | None]:
-        """0 where a prompt is routed to the side memory, None where the main memory answers it."""
-        out: list[int | None] = []
-        for start in range(0, len(prompts), 32):
-            h, mask = self._hidden_of(prompts[start : start + 32])
-            if not torch.isfinite(self.module.threshold):
-                out.extend([None] * h.shape[0])
-                continue
-            use = self.module.activation_delta(h, mask, self.module.side) > self.module.threshold
-            out.extend(0 if u else None for u in use.tolist())
-        return out
-
-    def routing_consistency(self) -> float | None:
-        """Share of stored edits whose prompt is still routed to the side memory."""
-        if not self.edits:
-            return None
-        return sum(r == 0 for r in self.route([e["prompt"] for e in self.edits])) / len(self.edits)
+    def route_states(self, ffn_input: torch.Tensor, mask: torch.Tensor) -> list[int | None]:
+        """0 where a row is routed to the side memory, None where the main memory answers it."""
+        use = self.module.decide(self.module.prepare(ffn_input), mask)
+        return [0 if u else None for u in use.tolist()]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         m = self.module
