@@ -186,22 +186,6 @@ def test_beam_search_with_and_without_kv_cache_agree(tokenizer):
     assert torch.equal(model.generate(**ids, use_cache=True, **kwargs), model.generate(**ids, use_cache=False, **kwargs))
 
 
-def test_a_call_that_bypasses_the_model_hook_routes_afresh(tokenizer):
-    model = make_model("llama")
-    editor = LifelongEditor(model, tokenizer, tiny_config())
-    editor.edit(records(2))
-    first = tokenizer(records(1)[0].prompt, return_tensors="pt")
-    model.generate(**first, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    # announce a decode step of that sequence, then call the inner model on another text instead
-    editor.adaptor.observe_call(first["input_ids"], None, past_len=first["input_ids"].shape[1])
-    other = tokenizer("the quick brown fox jumps", return_tensors="pt")
-    with torch.no_grad():
-        out = model.model(**other).last_hidden_state
-        editor.adaptor.reset_routing_cache()
-        expected = model.model(**other).last_hidden_state
-    assert torch.equal(out, expected)
-
-
 def test_refit_statistics_moves_values_but_never_the_frozen_anchors(tokenizer):
     frozen = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2))
     refit = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2, value_statistics="refit"))

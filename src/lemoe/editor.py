@@ -16,11 +16,12 @@ from torch import nn
 from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
-from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch
-from .layer import LEMoELayer, install_call_observer, install_route_tap
+from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch, prompt_inputs
+from .layer import LEMoELayer, install_route_tap
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
-from .router import AnchorFit
+from .router import AnchorFit, Route
+from .sequence_routing import SequenceRouting
 from .training import capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")
@@ -122,7 +123,9 @@ class LifelongEditor:
         self.fingerprint = weight_fingerprint(base_ffn)
         self.adaptor = LEMoELayer(base_ffn, self.layout, hidden, self.config)
         setattr(parent, self.layout.mlp_attr, self.adaptor)
-        self._hooks = [install_call_observer(model, self.adaptor)]
+        self.sequence_routing = SequenceRouting(model, self._route_generate_prompts)
+        self.adaptor.sequence = self.sequence_routing
+        self._hooks = []
         if self.route_layer_idx < self.layer_idx:
             self._hooks.append(install_route_tap(self.route_ffn, self.adaptor))
         self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
@@ -182,7 +185,6 @@ class LifelongEditor:
         batch_index = expert_id
         for record in records:
             self.edits.append({**record.to_dict(), "batch": batch_index, "expert": expert_id})
-        self.adaptor.reset_routing_cache()
         report = EditReport(
             batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
             seconds=time.perf_counter() - started, final_loss=result.final_loss,
@@ -252,6 +254,15 @@ class LifelongEditor:
         return torch.cat(vectors, dim=0)
 
 
+    @torch.no_grad()
+    def _route_generate_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Route | None:
+        """The route of every prompt given to `generate`, decided once at its entry (sequence_routing.py)."""
+        if self.adaptor.disabled or self.num_experts == 0:
+            return None
+        inputs = prompt_inputs(input_ids.to(self.input_device), attention_mask.to(self.input_device))
+        states = capture_route_inputs(self.model, self.route_ffn, inputs)
+        return self.adaptor.route_prompts(states, inputs.attention_mask)
+
     def route(self, prompts: Sequence[str]) -> list[int | None]:
         """The expert each prompt is routed to, or None where every expert defers."""
         self._check_attached()
@@ -305,6 +316,8 @@ class LifelongEditor:
             setattr(self.layers[self.layer_idx], self.layout.mlp_attr, self.adaptor.base_layer)
             for hook in self._hooks:
                 hook.remove()
+            self.sequence_routing.remove()
+            self.adaptor.sequence = None
             self.adaptor.routes_elsewhere = False
             self._attached = False
         return self.model

@@ -129,6 +129,16 @@ def per_row_accuracy(correct: torch.Tensor, rows: torch.Tensor, batch_size: int)
 
 def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> TeacherForcedBatch:
     """Prompts alone (right-padded, no answers): for capture passes that pool or route on them."""
-    ids, mask = encode_prompts(tokenizer, prompts, left_pad=False)
-    empty = torch.zeros(0, dtype=torch.long)
-    return TeacherForcedBatch(ids, mask, mask, empty, empty, empty)
+    return prompt_inputs(*encode_prompts(tokenizer, prompts, left_pad=False))
+
+
+def prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherForcedBatch:
+    """Token ids and mask of whole prompts (either padding side) as a batch without answers."""
+    empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    return TeacherForcedBatch(input_ids, attention_mask, attention_mask, empty, empty, empty)
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token counted over real tokens only, so that left and right padding
+    give a token the same position (absolute-position models such as GPT-2 depend on it)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

@@ -3,8 +3,9 @@
     y = FFN(x) + sum over the routed experts i of g_i * E_i(x)
 
 Routing is decided once per sequence from its prompt tokens (see router.py) and reused for
-every later decode step of the same sequence, so a KV-cached decode step (which sees one new
-token) and an uncached one (which sees the whole sequence again) route alike.
+every later call of the same sequence, so a KV-cached decode step (which sees one new token)
+and an uncached one (which sees the whole sequence again) route alike; sequence_routing.py
+says which calls belong to one sequence.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from .config import LEMoEConfig
 from .models import FFNLayout
 from .router import KVAnchorRouter, Route
+from .sequence_routing import SequenceRouting
 
 
 class LoRAExpert(nn.Module):
@@ -63,16 +65,10 @@ def _as_linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
 
 @dataclass
 class RoutingState:
-    """What the layer knows about the current call; reset per call by the model's pre-hook."""
+    """What the layer is told about the current call by the editor's contexts and the route tap."""
 
     forced: torch.Tensor | None = None  # (B,) expert per sequence: training a new expert
     prompt_mask: torch.Tensor | None = None  # (B, T) explicit prompt positions: teacher-forced scoring
-    call_mask: torch.Tensor | None = None  # (B, T) attention mask of the pending call
-    call_ids: torch.Tensor | None = None
-    call_reuse: bool = False  # the pending call continues the cached sequence
-    call_seen: bool = False
-    cached_ids: torch.Tensor | None = None
-    cached_route: Route | None = None
     route_input: torch.Tensor | None = None  # (B, T, d) FFN input of the route layer, this call (route tap)
 
 
@@ -90,6 +86,7 @@ class LEMoELayer(nn.Module):
         self.disabled = False
         self.routes_elsewhere = False  # True when a route tap on a lower layer supplies the routing states
         self.routing = RoutingState()
+        self.sequence: SequenceRouting | None = None  # set by the editor: decisions across a sequence's calls
         device = next(base_layer.parameters()).device
         self.router.to(device)
 
@@ -116,27 +113,8 @@ class LEMoELayer(nn.Module):
     def truncate(self, num_experts: int) -> None:
         del self.experts[num_experts:]
         self.router.truncate(num_experts)
-        self.reset_routing_cache()
 
     # ------------------------------------------------------------------ routing context
-
-    def observe_call(self, ids: torch.Tensor | None, mask: torch.Tensor | None, past_len: int) -> None:
-        """Called before every forward of the whole model (pre-hook) with what the call carries."""
-        state = self.routing
-        state.call_seen = True
-        state.call_ids, state.call_mask = ids, mask
-        cached = state.cached_route
-        batch = ids.shape[0] if ids is not None else (mask.shape[0] if mask is not None else None)
-        same_batch = cached is not None and batch is not None and cached.experts.shape[0] == batch
-        if past_len > 0:
-            state.call_reuse = same_batch
-        elif same_batch and ids is not None and state.cached_ids is not None:
-            prompt_len = state.cached_ids.shape[1]
-            state.call_reuse = ids.shape[1] >= prompt_len and bool(
-                torch.equal(ids[:, :prompt_len], state.cached_ids.to(ids.device))
-            )
-        else:
-            state.call_reuse = False
 
     @contextmanager
     def forced_route(self, experts: torch.Tensor) -> Iterator[None]:
@@ -184,36 +162,39 @@ class LEMoELayer(nn.Module):
         states = self._routing_states(x)
         if state.prompt_mask is not None:
             return self.route(self.router.pool(states, state.prompt_mask))
-        seen, reuse, mask, ids = self._consume_call()
-        if seen and ids is not None and ids.shape[1] != length:
-            seen, reuse, mask, ids = False, False, None, None  # not the call the hook saw: route afresh
-        if seen and reuse and state.cached_route is not None:
-            return state.cached_route
-        if mask is None or mask.shape[1] < length:
+        sequence = self.sequence
+        reuse = sequence.reusable(batch) if sequence is not None else None
+        if reuse is not None:
+            return self._existing(reuse.decision)
+        mask = sequence.call_mask(batch, length) if sequence is not None else None
+        if mask is None:
             mask = torch.ones(batch, length, device=states.device)
-        route = self.route(self.router.pool(states, mask[:, -length:]))
-        state.cached_route = route
-        state.cached_ids = ids.detach().clone() if (seen and ids is not None) else None  # same length: checked above
+        route = self.route(self.router.pool(states, mask))
+        if sequence is not None:
+            sequence.remember(route)
         return route
 
-    def _consume_call(self) -> tuple[bool, bool, torch.Tensor | None, torch.Tensor | None]:
-        """What the pre-hook saw about this call, used once: a later call that bypasses the hook
-        (e.g. the inner model called directly) must not inherit it."""
-        state = self.routing
-        seen = (state.call_seen, state.call_reuse, state.call_mask, state.call_ids)
-        state.call_seen, state.call_reuse, state.call_mask, state.call_ids = False, False, None, None
-        return seen
+    def _existing(self, route: Route) -> Route:
+        """A decision taken earlier in the sequence; experts rolled back since then no longer fire."""
+        experts = route.experts
+        if bool((experts >= self.num_experts).any()):
+            experts = torch.where(experts < self.num_experts, experts, torch.full_like(experts, -1))
+            return Route(experts, route.gates)
+        return route
 
-    def reset_routing_cache(self) -> None:
-        self.routing.cached_route = None
-        self.routing.cached_ids = None
+    @torch.no_grad()
+    def route_prompts(self, states: torch.Tensor, mask: torch.Tensor) -> Route | None:
+        """The decision for whole prompts ((B, T, d) route-layer states, (B, T) mask), taken at `generate`
+        entry; None when nothing can fire."""
+        if self.disabled or self.num_experts == 0:
+            return None
+        return self.route(self.router.pool(states, mask))
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)  # (B, T, d)
         if self.disabled or self.num_experts == 0:
-            self._consume_call()
             self.routing.route_input = None
             return base_out
         route = self._route_for(x)
@@ -234,25 +215,3 @@ def install_route_tap(route_ffn: nn.Module, layer: LEMoELayer) -> torch.utils.ho
         layer.observe_route_input(args[0])
 
     return route_ffn.register_forward_pre_hook(tap)
-
-
-def install_call_observer(model: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:
-    """A pre-hook on the whole model that tells the layer what each call carries.
-
-    The layer only sees hidden states; the attention mask (which tokens are padding), the
-    token ids (is this the same prompt again?) and the cache length (is this a decode step?)
-    are only visible at the model's entry point.
-    """
-
-    def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(ids, torch.Tensor):
-            ids = None
-        mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
-        past_len = 0
-        if past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
-        layer.observe_call(ids, mask if isinstance(mask, torch.Tensor) else None, past_len)
-
-    return model.register_forward_pre_hook(observe, with_kwargs=True)

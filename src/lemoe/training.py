@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LEMoEConfig
-from .encoding import TeacherForcedBatch, answer_logits, per_row_accuracy
+from .encoding import TeacherForcedBatch, answer_logits, mask_positions, per_row_accuracy
 from .layer import LEMoELayer
 
 
@@ -90,7 +90,8 @@ def capture_route_inputs(model: nn.Module, route_ffn: nn.Module, batch: TeacherF
 
 def _run_until_stop(model: nn.Module, batch: TeacherForcedBatch, handles: list[Any]) -> None:
     try:
-        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=mask_positions(batch.attention_mask), use_cache=False)
     except _StopForward:
         pass
     finally:

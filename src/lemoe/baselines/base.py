@@ -22,10 +22,10 @@ from torch import nn
 from .. import __version__
 from ..data import EditRecord
 from ..editor import EditReport, check_adapter_matches, checked_records, encode_edits
-from ..encoding import TeacherForcedBatch, prompt_batch
-from ..layer import install_call_observer
+from ..encoding import TeacherForcedBatch, prompt_batch, prompt_inputs
 from ..models import FFNLayout, base_model_identity, decoder_layers, find_layout, weight_fingerprint
 from ..persistence import AdapterError, AdapterState, load_adapter, save_adapter
+from ..sequence_routing import SequenceRouting
 from ..training import OptimiseSettings, TrainResult, capture_layer_inputs, capture_route_inputs
 
 logger = logging.getLogger("lemoe")
@@ -77,9 +77,9 @@ class PromptRoutedFFN(nn.Module):
     """An FFN wrapper that decides once per sequence, from its prompt, and keeps that decision while decoding.
 
     The decision is taken on the positions of the `prompt_positions` mask when scoring a prompt +
-    answer, otherwise on the non-padding tokens of the call; decode steps (a KV cache is present)
-    reuse the decision of the prompt, as LEMoE's own routing does. Subclasses say what a decision is
-    (`decide`) and what it does to the output (`apply`).
+    answer, otherwise on the non-padding tokens of the call; later calls of the same sequence (decode
+    steps, `generate`) reuse it through `lemoe.sequence_routing`, as LEMoE's own routing does.
+    Subclasses say what a decision is (`decide`) and what it does to the output (`apply`).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -87,12 +87,7 @@ class PromptRoutedFFN(nn.Module):
         self.base_layer = base_layer
         self._prompt_mask: torch.Tensor | None = None
         self._forced: Any = None
-        self._call_mask: torch.Tensor | None = None
-        self._decoding = False
-        self._cached: tuple[int, Any] | None = None  # (batch size, decision) of the last prompt
-
-    def observe_call(self, ids: torch.Tensor | None, mask: torch.Tensor | None, past_len: int) -> None:
-        self._call_mask, self._decoding = mask, past_len > 0
+        self.sequence: SequenceRouting | None = None  # set by the editor
 
     @contextmanager
     def prompt_positions(self, mask: torch.Tensor) -> Iterator[None]:
@@ -122,23 +117,22 @@ class PromptRoutedFFN(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        call_mask, decoding = self._call_mask, self._decoding
-        self._call_mask, self._decoding = None, False
         batch, length = x.shape[:2]
+        sequence = self.sequence if self._prompt_mask is None else None
         if self._prompt_mask is not None:
             mask = self._prompt_mask.to(x.device)
-        elif call_mask is not None and call_mask.shape[1] >= length:
-            mask = call_mask[:, -length:].to(x.device)
         else:
-            mask = torch.ones(batch, length, device=x.device)
+            call_mask = sequence.call_mask(batch, length) if sequence is not None else None
+            mask = call_mask.to(x.device) if call_mask is not None else torch.ones(batch, length, device=x.device)
         prepared = self.prepare(x)
         if self._forced is not None:
             return self.apply(x, prepared, self._forced, mask, False)
-        if decoding and self._prompt_mask is None and self._cached is not None and self._cached[0] == batch:
-            return self.apply(x, prepared, self._cached[1], mask, True)
+        reuse = sequence.reusable(batch) if sequence is not None else None
+        if reuse is not None:
+            return self.apply(x, prepared, reuse.decision, mask, reuse.continuing)
         decision = self.decide(prepared, mask)
-        if self._prompt_mask is None:
-            self._cached = (batch, decision)
+        if sequence is not None:
+            sequence.remember(decision)
         return self.apply(x, prepared, decision, mask, False)
 
 
@@ -175,7 +169,10 @@ class BaselineEditor:
         self.fingerprint = weight_fingerprint(base_ffn)
         self.module = self.build(base_ffn)
         setattr(parent, self.layout.mlp_attr, self.module)
-        self._hooks = [install_call_observer(model, self.module)] if isinstance(self.module, PromptRoutedFFN) else []
+        self.sequence_routing: SequenceRouting | None = None
+        if isinstance(self.module, PromptRoutedFFN):
+            self.sequence_routing = SequenceRouting(model, self._decide_generate_prompts)
+            self.module.sequence = self.sequence_routing
         self.edits: list[dict[str, Any]] = []
         self.num_batches = 0
         self._attached = True
@@ -247,6 +244,17 @@ class BaselineEditor:
             out.extend(self.route_states(states, batch.attention_mask.to(states.device)))
         return out
 
+    @torch.no_grad()
+    def _decide_generate_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The decision of every prompt given to `generate`, taken once at its entry."""
+        module = self.module
+        attached = getattr(self.layers[self.layer_idx], self.layout.mlp_attr) is module
+        if self.num_batches == 0 or not attached or not isinstance(module, PromptRoutedFFN):
+            return None
+        inputs = prompt_inputs(input_ids.to(self.input_device), attention_mask.to(self.input_device))
+        states = capture_route_inputs(self.model, module, inputs)
+        return module.decide(module.prepare(states), inputs.attention_mask.to(states.device))
+
     def routing_consistency(self) -> float | None:
         """Share of stored edits whose prompt still goes where it went when it was edited."""
         if not self.has_routing or not self.edits:
@@ -269,8 +277,9 @@ class BaselineEditor:
     def unload(self) -> nn.Module:
         if self._attached:
             setattr(self.layers[self.layer_idx], self.layout.mlp_attr, self.module.base_layer)
-            for hook in self._hooks:
-                hook.remove()
+            if self.sequence_routing is not None:
+                self.sequence_routing.remove()
+                self.module.sequence = None
             self._attached = False
         return self.model
 
