@@ -64,7 +64,7 @@ def timed(fn: Any, device: torch.device | str = "cpu") -> float:
 
 def header(name: str, args: Any, device: str = "cpu") -> dict[str, Any]:
     """What every result JSON records: machine, threads, versions, commit, date, the command."""
-    from lemoe.bench import provenance
+    from lemoe.provenance import provenance
 
     info: dict[str, Any] = {
         "benchmark": name,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,9 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import lemoe
     from lemoe import EditRecord, LEMoEConfig, LifelongEditor, load_model
-    from lemoe.bench import git_commit
+    from lemoe.provenance import provenance
     from lemoe.metrics import agreement, answer_predictions, generative_exact_match, mean, token_accuracy
 
     rows = json.loads(Path(args.data).read_text())[: args.T]
@@ -73,11 +71,7 @@ def main() -> None:
         "locality_prompts_deferred": sum(r is None for r in routes) / len(routes),
         "seconds_per_edit": seconds / len(edits),
         "steps_per_batch": [r.steps for r in reports],
-        "threads": torch.get_num_threads(),
-        "lemoe_version": lemoe.__version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
         "command": f"python benchmarks/edit_quality.py --T {args.T} --batch-size {args.batch_size} --out {args.out}"
                    + (f" --config '{args.config}'" if json.loads(args.config) else ""),
     }

@@ -14,26 +14,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import platform
 import resource
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
 from .config import LEMoEConfig
 from .data import EditRecord
 from .editor import EditReport, LifelongEditor
 from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
                       target_perplexity, token_accuracy)
 from .planning import ORDER_MODES, OrderPlan, plan_order
+from .provenance import provenance
 
 logger = logging.getLogger("lemoe")
 
@@ -231,7 +228,6 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
         "adapter_bytes": saved_size(editor),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": settings.seed,
-        "lemoe_version": __version__,
         "final": final,
         "immediate": immediate_scores,
         "ppl_before": _mean_defined(evaluator.ppl_before),
@@ -386,8 +382,7 @@ def run_order_sensitivity(
     result = {"benchmark": "order_sensitivity", "method": settings.method, "model": settings.model,
               "data": settings.data, "T": min(settings.T, len(records)),
               "batch_size": settings.batch_size, "metric_protocol": "final (teacher-forced; gen_em generative)",
-              "random_orders": random_orders, "runs": runs, "spread": spread, "lemoe_version": __version__,
-              "git_commit": git_commit()}
+              "random_orders": random_orders, "runs": runs, "spread": spread, **provenance()}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "order_sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -425,25 +420,3 @@ def write_results(out: Path, summary: dict[str, Any], per_edit: list[dict[str, A
     from .plots import plot_results
 
     plot_results(out, summary, per_edit, timeline)
-
-
-def provenance() -> dict[str, Any]:
-    """Where and with what a result was measured: recorded with every result, here and in benchmarks/."""
-    return {
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.system()} {platform.machine()}",
-        "lemoe_version": __version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def git_commit() -> str:
-    """HEAD of the lemoe checkout, recorded with every result."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent)
-        return result.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .provenance import version_text
 from .data import FORMATS
 
 logger = logging.getLogger("lemoe")
@@ -344,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lemoe", description="Lifelong editing of causal LMs with a Mixture-of-Experts adaptor (LEMoE).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"lemoe {__version__}")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print lemoe's version and the versions of python, torch, transformers and the rest")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="local HuggingFace model directory (default: built-in SmolLM2-135M-Instruct)")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where it loads)")

