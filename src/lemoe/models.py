@@ -302,8 +302,36 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, name: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = name
+    _ensure_bos(tokenizer, gguf_path)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _ensure_bos(tokenizer: Any, gguf_path: Path) -> None:
+    """Prepend BOS when the GGUF file asks for it (`tokenizer.ggml.add_bos_token`). transformers 5.0's
+    GGUF tokenizer conversion drops that flag for Gemma 3, whose outputs are garbage without BOS."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not _gguf_flag(gguf_path, "tokenizer.ggml.add_bos_token"):
+        return
+    probe = tokenizer("a")["input_ids"]
+    if probe and probe[0] == bos:
+        return
+    from tokenizers import processors
+
+    token = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[(token, bos)])
+    if tokenizer("a")["input_ids"][0] != bos:
+        raise ModelFetchError(f"could not make the tokenizer of {gguf_path.name} prepend its BOS token")
+
+
+def _gguf_flag(gguf_path: Path, key: str) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get(key)
+    if field is None or not field.data:
+        return False
+    return bool(field.parts[field.data[0]][0])
 
 
 def builtin_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
