@@ -98,6 +98,17 @@ def records(n: int, offset: int = 0) -> list[Any]:
     return out
 
 
+def zsre_dev(n: int) -> list[Any]:
+    """The first n MEND-format ZsRE development records (../shared/data), for the real-model tests."""
+    import json
+
+    from lemoe import EditRecord
+
+    rows = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n]
+    return [EditRecord(prompt=r["src"], target=r["alt"], rephrase=r["rephrase"], locality_prompt=r["loc"],
+                       locality_answer=r["loc_ans"]) for r in rows]
+
+
 def tiny_config(**overrides: Any) -> Any:
     from lemoe import LEMoEConfig
 

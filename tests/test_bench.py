@@ -69,6 +69,12 @@ def test_protocol_end_to_end_on_a_tiny_model(tokenizer, tmp_path, protocol):
         assert key in summary, key
     assert summary["T"] == 20 and summary["experts"] == 4 and summary["protocol"] == protocol
     assert 0.0 <= summary["rel"] <= 1.0 and summary["routing_consistency"] == 1.0
+    import transformers
+
+    versions = summary["versions"]  # provenance: what the numbers were measured with
+    assert versions["transformers"] == transformers.__version__
+    assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert all(versions[k] for k in ("python", "lemoe", "tokenizers", "safetensors")) and summary["git_commit"]
     lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and sorted(e["index"] for e in lines) == list(range(20))
     assert all(e["routed_expert"] == e["expert"] for e in lines)

