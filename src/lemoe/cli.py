@@ -362,10 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--route-layer", type=int, default=None,
                         help="layer whose FFN input the routing value is pooled from (default: depth/6, at most --layer)")
     method.add_argument("--expert", choices=["lora", "ffn"], default=None, help="expert kind (default: lora)")
-    method.add_argument("--lora-rank", type=int, default=None, help="rank of lora experts (default: 16)")
-    method.add_argument("--lr", type=float, default=None, help="learning rate of a new expert (default: 5e-2)")
-    method.add_argument("--max-steps", type=int, default=None, help="training steps per batch at most (default: 40)")
-    method.add_argument("--top-k", type=int, default=None, help="experts mixed per sequence (default: 1)")
+    from .config import LEMoEConfig
+
+    defaults = LEMoEConfig()  # the help states the config's own defaults, never a copy of them
+    method.add_argument("--lora-rank", type=int, default=None,
+                        help=f"rank of lora experts (default: {defaults.lora_rank})")
+    method.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate of a new expert (default: {defaults.lr:g})")
+    method.add_argument("--max-steps", type=int, default=None,
+                        help=f"training steps per batch at most (default: {defaults.max_steps})")
+    method.add_argument("--top-k", type=int, default=None,
+                        help=f"experts mixed per sequence (default: {defaults.top_k})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", parents=[common, method], help="edit the built-in model with built-in facts",
