@@ -22,6 +22,10 @@ REAL_FILES = {
     "hallucination/hallucination-train.json": "wise",
     "temporal/temporal-edit.json": "wise",
     "wikibio/knowedit_wikibio_test.json": "knowedit-wikibio",
+    "counterfact/counterfact_easyedit_train.json": "easyedit-counterfact",
+    "counterfact/counterfact_rome_format_dev.json": "rome-counterfact",
+    "knowedit/knowedit_wiki_counterfact_train.json": "knowedit",
+    "knowedit/knowedit_wiki_recent_train.json": "knowedit",
 }
 
 
@@ -119,10 +123,16 @@ def test_rome_counterfact_malformed(tmp_path, mutate, match):
 
 def test_knowedit_malformed_locality(tmp_path):
     rows = _few("zsre/knowedit_zsre_test.json", 2)
-    rows[1]["locality"]["Relation_Specificity"][0]["ground_truth"] = []
     path = tmp_path / "ke.json"
+    # an empty answer (real files have a few) keeps the probe, without an answer to score against
+    rows[1]["locality"]["Relation_Specificity"][0]["ground_truth"] = []
     path.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"record 1: field 'locality.Relation_Specificity\[0\].ground_truth' is an empty"):
+    kept = read_edits(path)[1].probes_of("same_subject")[0]
+    assert kept.prompt == rows[1]["locality"]["Relation_Specificity"][0]["prompt"] and kept.answer is None
+    # an answer of the wrong type is an error naming the record and the field
+    rows[1]["locality"]["Relation_Specificity"][0]["ground_truth"] = 5
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"record 1: field 'locality.Relation_Specificity\[0\].ground_truth': answers must be"):
         read_edits(path)
 
 

@@ -182,7 +182,7 @@ class LifelongEditor:
         routed = self.adaptor.route(pooled).top1()
         batch_index = expert_id
         for record in records:
-            self.edits.append({**record.to_dict(), "batch": batch_index, "expert": expert_id})
+            self.edits.append({**record.to_dict(probes=False), "batch": batch_index, "expert": expert_id})
         report = EditReport(
             batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
             seconds=time.perf_counter() - started, final_loss=result.final_loss,

@@ -215,7 +215,7 @@ class BaselineEditor:
         result, slot = self.train_batch(records, batch, layer_input, ffn_input)
         slots = slot if isinstance(slot, list) else [slot] * len(records)
         for record, own in zip(records, slots):
-            self.edits.append({**record.to_dict(), "batch": self.num_batches, "expert": own})
+            self.edits.append({**record.to_dict(probes=False), "batch": self.num_batches, "expert": own})
         self.num_batches += 1
         routed = self.route_states(ffn_input, batch.prompt_mask.to(ffn_input.device))  # prompts: causal
         report = EditReport(batch=self.num_batches - 1, expert=slots[0], num_edits=len(records), steps=result.steps,
