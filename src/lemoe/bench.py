@@ -30,13 +30,15 @@ from .editor import EditReport, LifelongEditor
 from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
                       target_perplexity, token_accuracy)
 from .planning import ORDER_MODES, OrderPlan, plan_order
+from .probe_metrics import GENERATIVE_KEYS, ProbeEvaluator, aggregate_generative
 from .provenance import provenance
 
 logger = logging.getLogger("lemoe")
 
 PROTOCOLS = ("final", "immediate", "curve")
 METRIC_PROTOCOL = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced",
-                   "gen_em": "generative", "ppl": "teacher-forced", "routing_consistency": "final"}
+                   "gen_em": "generative", "ppl": "teacher-forced", "routing_consistency": "final",
+                   **{key: "generative (final)" for key in GENERATIVE_KEYS}, "leak_unedited": "generative"}
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Evaluator:
             [self.records[i].locality_answer or "" for i in self.loc_index])))
         self.ppl_before = target_perplexity(model, tokenizer, [r.prompt for r in self.records],
                                             [r.target for r in self.records])
+        # every probe, by greedy decoding; the unedited model's outputs are taken now, before any edit
+        self.probes = ProbeEvaluator(model, tokenizer, self.records) if generative else None
 
     def evaluate(self, editor: Any, indices: Sequence[int], generative: bool | None = None) -> dict[str, list[Any]]:
         """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined.
@@ -195,6 +199,11 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
     order = plan.order
     final_scores = evaluator.evaluate(editor, order)
     final = aggregate(final_scores)
+    probe_scores: dict[str, list[Any]] = {}
+    generative: dict[str, float | None] | None = None
+    if evaluator.probes is not None:  # every probe kind, by greedy decoding (final protocol)
+        probe_scores = evaluator.probes.evaluate(order)
+        generative = {**aggregate_generative(probe_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
     if settings.protocol == "curve" and timeline:
         timeline[-1].update({f"curve_{k}": v for k, v in final.items() if k != "gen_em"})
     per_edit = []
@@ -203,6 +212,7 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
                  "batch": batch_of[i], "expert": expert_of[i], "routed_expert": final_scores["routed"][k],
                  "rephrase_routed_expert": final_scores["routed_rephrase"][k],
                  **{key: final_scores[key][k] for key in ("rel", "gen", "loc", "gen_em", "ppl")},
+                 **{key: values[k] for key, values in probe_scores.items()},
                  "ppl_before": evaluator.ppl_before[i]}
         if i in immediate:
             entry.update({f"immediate_{key}": v for key, v in immediate[i].items() if not key.startswith("routed")})
@@ -229,6 +239,7 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": settings.seed,
         "final": final,
+        "generative": generative,
         "immediate": immediate_scores,
         "ppl_before": _mean_defined(evaluator.ppl_before),
         "ppl_after": final["ppl"],

@@ -1,0 +1,168 @@
+"""Generative probe metrics: what a user sees from greedy decoding, per probe kind (issue 11).
+
+Definitions (protocol `generative`, greedy decoding through `model.generate`):
+- `rel_gen`: the prompt's continuation starts with the target's tokens.
+- `gen_gen`: a rephrase's continuation of (target length + 8) tokens contains the target (case-insensitive);
+  per edit, the mean over its rephrases.
+- `chat_gen`: the first rephrase (or the prompt) sent as a user message through the tokenizer's chat
+  template with the generation prompt; 32 new tokens contain the target. None without a chat template.
+- `loc_gen_<kind>`: a locality probe's 8-token continuation is the unedited model's; per edit, the mean
+  over its probes of that kind.
+- `leak`: the prompt's 24-token continuation contains another edit's target (one not inside this
+  edit's own target), case-insensitive. Reported for the unedited model too (`leak_unedited`).
+Per edit first, then the mean over the edits where a metric is defined (macro average).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .data import EditRecord
+from .encoding import encode_answer, pad_id
+from .probes import LOCALITY_KINDS, REPHRASE
+
+LOC_TOKENS = 8
+GEN_EXTRA_TOKENS = 8
+CHAT_TOKENS = 32
+LEAK_TOKENS = 24
+GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak")
+
+
+@torch.no_grad()
+def greedy_from_ids(model: nn.Module, tokenizer: Any, sequences: Sequence[Sequence[int]], steps: Sequence[int],
+                    batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), `steps[i]` tokens each."""
+    device = model.get_input_embeddings().weight.device
+    out: list[list[int]] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = [list(s) for s in sequences[start : start + batch_size]]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        wanted = steps[start : start + batch_size]
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max(wanted), do_sample=False, pad_token_id=pad_id(tokenizer),
+                                   eos_token_id=None)
+        out.extend(generated[row, width : width + wanted[row]].tolist() for row in range(len(chunk)))
+    return out
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def chat_ids(tokenizer: Any, question: str) -> list[int] | None:
+    """The question as a user message through the chat template, with the generation prompt; None when
+    the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some releases return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@dataclass
+class _Job:
+    edit: int
+    key: str  # "rel", "gen", "chat", "leak" or a locality kind
+    ids: list[int]
+    steps: int
+
+
+class ProbeEvaluator:
+    """Generative scores of every probe of `records`; the unedited model's locality continuations and
+    leak rate are taken once, at construction (before any edit)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.records, self.batch_size = model, tokenizer, list(records), batch_size
+        self.targets = [encode_answer(tokenizer, r.target) for r in self.records]
+        self.unedited_loc = self._locality_continuations(range(len(self.records)))
+        self.leak_unedited = self._leaks(range(len(self.records)))
+
+    # ------------------------------------------------------------------ public
+
+    def evaluate(self, indices: Sequence[int]) -> dict[str, list[Any]]:
+        """Per edit (in `indices` order): every key of GENERATIVE_KEYS, None where a record lacks the probe."""
+        indices = list(indices)
+        jobs: list[_Job] = []
+        for k, i in enumerate(indices):
+            record, target_len = self.records[i], len(self.targets[i])
+            jobs.append(_Job(k, "rel", prompt_ids(self.tokenizer, record.prompt), target_len))
+            for probe in record.probes_of(REPHRASE):
+                jobs.append(_Job(k, "gen", prompt_ids(self.tokenizer, probe.prompt), target_len + GEN_EXTRA_TOKENS))
+            rephrases = record.probes_of(REPHRASE)
+            chat = chat_ids(self.tokenizer, rephrases[0].prompt if rephrases else record.prompt)
+            if chat is not None:
+                jobs.append(_Job(k, "chat", chat, CHAT_TOKENS))
+        outputs = self._run(jobs)
+        scores: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in ("rel", "gen", "chat")}
+        for job, tokens in zip(jobs, outputs):
+            i = indices[job.edit]
+            if job.key == "rel":
+                hit = tokens[: len(self.targets[i])] == self.targets[i]
+            else:
+                hit = _contains(self.tokenizer.decode(tokens), self.records[i].target)
+            scores[job.key][job.edit].append(float(hit))
+        edited_loc = self._locality_continuations(indices)
+        result: dict[str, list[Any]] = {
+            "rel_gen": [_mean_or_none(v) for v in scores["rel"]],
+            "gen_gen": [_mean_or_none(v) for v in scores["gen"]],
+            "chat_gen": [_mean_or_none(v) for v in scores["chat"]],
+        }
+        for kind in LOCALITY_KINDS:
+            result[f"loc_gen_{kind}"] = [
+                _mean_or_none([float(edited == unedited) for edited, unedited in
+                               zip(edited_loc[i].get(kind, []), self.unedited_loc[i].get(kind, []))])
+                for i in indices]
+        leaks = self._leaks(indices)
+        result["leak"] = [leaks[i] for i in indices]
+        return result
+
+    def leak_unedited_rate(self, indices: Sequence[int]) -> float | None:
+        return _mean_or_none([self.leak_unedited[i] for i in indices])
+
+    # ------------------------------------------------------------------ pieces
+
+    def _run(self, jobs: list[_Job]) -> list[list[int]]:
+        return greedy_from_ids(self.model, self.tokenizer, [j.ids for j in jobs], [j.steps for j in jobs],
+                               self.batch_size) if jobs else []
+
+    def _locality_continuations(self, indices: Sequence[int] | range) -> dict[int, dict[str, list[list[int]]]]:
+        jobs = [_Job(i, probe.kind, prompt_ids(self.tokenizer, probe.prompt), LOC_TOKENS)
+                for i in indices for probe in self.records[i].all_probes() if probe.is_locality]
+        found: dict[int, dict[str, list[list[int]]]] = {i: {} for i in indices}
+        for job, tokens in zip(jobs, self._run(jobs)):
+            found[job.edit].setdefault(job.key, []).append(tokens)
+        return found
+
+    def _leaks(self, indices: Sequence[int] | range) -> dict[int, float]:
+        jobs = [_Job(i, "leak", prompt_ids(self.tokenizer, self.records[i].prompt), LEAK_TOKENS) for i in indices]
+        targets = [r.target.strip().lower() for r in self.records]
+        leaks = {}
+        for job, tokens in zip(jobs, self._run(jobs)):
+            text, own = self.tokenizer.decode(tokens).lower(), targets[job.edit]
+            leaks[job.edit] = float(any(t and t != own and t not in own and t in text
+                                        for j, t in enumerate(targets) if j != job.edit))
+        return leaks
+
+
+def _contains(text: str, target: str) -> bool:
+    return target.strip().lower() in text.lower()
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate_generative(scores: dict[str, list[Any]]) -> dict[str, float | None]:
+    """Macro average: the mean over the edits where each metric is defined."""
+    return {key: _mean_or_none([v for v in values if v is not None]) for key, values in scores.items()}

@@ -1,0 +1,106 @@
+"""Generative probe metrics (lemoe.probe_metrics) against an independent computation, one prompt at a
+time through `model.generate`, with the definitions of issue 11."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from conftest import make_model, tiny_config
+from lemoe import EditRecord, LifelongEditor
+from lemoe.bench import BenchSettings, run_bench
+from lemoe.encoding import encode_answer
+from lemoe.probe_metrics import GENERATIVE_KEYS, ProbeEvaluator
+from lemoe.probes import Probe
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def probe_records() -> list[EditRecord]:
+    facts = [("Where was Paris 0 born?", "Tokyo", "Paris 0 was born in", "Where was Paris 1 born?",
+              "Which family does Paris 0 belong to?"),
+             ("Who wrote the novel 2?", "the fox", "The novel 2 was written by", "Who wrote the novel 3?",
+              "What is the language of the novel 2?"),
+             ("In which country is the river 4?", "Japan", "The river 4 flows in", "In which country is the river 5?",
+              "Who wrote the river 4?")]
+    return [EditRecord(prompt=p, target=t, probes=(
+        Probe("rephrase", reph, t), Probe("neighbour", neigh, "France"), Probe("same_subject", same, "the dog"),
+        Probe("unrelated", "the quick brown fox jumps over", "the lazy dog"), Probe("generation", f"{p} Also,")))
+        for p, t, reph, neigh, same in facts]
+
+
+def greedy_alone(model: Any, tok: Any, ids: list[int], steps: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def independent(model: Any, tok: Any, records: list[EditRecord], unedited: dict[tuple[int, str], list[int]]
+                ) -> dict[str, list[Any]]:
+    scores: dict[str, list[Any]] = {key: [] for key in GENERATIVE_KEYS}
+    targets = [r.target.lower() for r in records]
+    for i, record in enumerate(records):
+        target = encode_answer(tok, record.target)
+        scores["rel_gen"].append(float(greedy_alone(model, tok, tok(record.prompt)["input_ids"], len(target)) == target))
+        [reph] = record.probes_of("rephrase")
+        text = tok.decode(greedy_alone(model, tok, tok(reph.prompt)["input_ids"], len(target) + 8))
+        scores["gen_gen"].append(float(record.target.lower() in text.lower()))
+        chat = tok.apply_chat_template([{"role": "user", "content": reph.prompt}], add_generation_prompt=True,
+                                       tokenize=True)
+        chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+        scores["chat_gen"].append(float(record.target.lower() in tok.decode(greedy_alone(model, tok, chat, 32)).lower()))
+        for kind in ("unrelated", "neighbour", "same_subject", "distracting"):
+            probes = record.probes_of(kind)
+            if not probes:
+                scores[f"loc_gen_{kind}"].append(None)
+                continue
+            [probe] = probes
+            now = greedy_alone(model, tok, tok(probe.prompt)["input_ids"], 8)
+            scores[f"loc_gen_{kind}"].append(float(now == unedited[(i, kind)]))
+        text = tok.decode(greedy_alone(model, tok, tok(record.prompt)["input_ids"], 24)).lower()
+        scores["leak"].append(float(any(t in text for j, t in enumerate(targets) if j != i and t not in targets[i])))
+    return scores
+
+
+def test_generative_probe_scores_match_an_independent_computation(tokenizer):
+    tokenizer = type(tokenizer).from_pretrained(_saved(tokenizer))  # a copy we may give a chat template
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = make_model("llama")
+    records = probe_records()
+    evaluator = ProbeEvaluator(model, tokenizer, records, batch_size=2)  # batches of 2: padding is exercised
+    unedited = {(i, p.kind): greedy_alone(model, tokenizer, tokenizer(p.prompt)["input_ids"], 8)
+                for i, r in enumerate(records) for p in r.all_probes() if p.is_locality}
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=150))
+    editor.edit(records)
+    ours = evaluator.evaluate(range(len(records)))
+    assert set(ours) == set(GENERATIVE_KEYS)
+    assert ours == independent(model, tokenizer, records, unedited)
+    assert sum(ours["rel_gen"]) == 3  # the edits hold, so the comparison is not vacuous
+    assert ours["loc_gen_distracting"] == [None, None, None]
+
+
+def test_chat_score_is_undefined_without_a_chat_template(tokenizer):
+    model = make_model("gpt2")
+    scores = ProbeEvaluator(model, tokenizer, probe_records()[:1]).evaluate([0])
+    assert scores["chat_gen"] == [None] and scores["loc_gen_unrelated"] == [1.0]  # nothing edited yet
+
+
+def test_bench_summary_and_edits_carry_every_generative_key(tokenizer, tmp_path):
+    import json
+
+    model = make_model("llama")
+    settings = BenchSettings(data="tiny", T=3, batch_size=3)
+    summary = run_bench(model, tokenizer, probe_records(), settings, tiny_config(max_steps=30), tmp_path)
+    assert set(GENERATIVE_KEYS) | {"leak_unedited"} == set(summary["generative"])
+    assert summary["metric_protocol"]["loc_gen_neighbour"] == "generative (final)"
+    line = json.loads((tmp_path / "edits.jsonl").read_text().splitlines()[0])
+    assert all(key in line for key in GENERATIVE_KEYS)
+
+
+def _saved(tokenizer: Any) -> str:
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="lemoe-tok-")
+    tokenizer.save_pretrained(directory)
+    return directory
