@@ -11,7 +11,8 @@ from conftest import make_model, tiny_config
 from lemoe import EditRecord, LifelongEditor
 from lemoe.bench import BenchSettings, run_bench
 from lemoe.encoding import encode_answer
-from lemoe.probe_metrics import GENERATIVE_KEYS, ProbeEvaluator
+from lemoe.metrics import agreement, answer_predictions, token_accuracy
+from lemoe.probe_metrics import GENERATIVE_KEYS, TEACHER_FORCED_KEYS, ProbeEvaluator, TeacherForcedProbes
 from lemoe.probes import Probe
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -93,6 +94,7 @@ def test_bench_summary_and_edits_carry_every_generative_key(tokenizer, tmp_path)
     settings = BenchSettings(data="tiny", T=3, batch_size=3)
     summary = run_bench(model, tokenizer, probe_records(), settings, tiny_config(max_steps=30), tmp_path)
     assert set(GENERATIVE_KEYS) | {"leak_unedited"} == set(summary["generative"])
+    assert set(TEACHER_FORCED_KEYS) == set(summary["teacher_forced"]) and summary["teacher_forced"]["loc_neighbour"] is not None
     assert summary["metric_protocol"]["loc_gen_neighbour"] == "generative (final)"
     line = json.loads((tmp_path / "edits.jsonl").read_text().splitlines()[0])
     assert all(key in line for key in GENERATIVE_KEYS)
@@ -104,3 +106,29 @@ def _saved(tokenizer: Any) -> str:
     directory = tempfile.mkdtemp(prefix="lemoe-tok-")
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def test_teacher_forced_probes_score_every_probe_one_at_a_time(tokenizer):
+    model = make_model("qwen2")
+    records = [EditRecord(prompt=r.prompt, target=r.target, probes=(
+        *r.probes, Probe("rephrase", r.prompt.lower(), r.target), Probe("reasoning", r.prompt + " So", "France")))
+        for r in probe_records()]
+    scorer = TeacherForcedProbes(model, tokenizer, records)
+    before = scorer.evaluate(None, [0, 1, 2])
+    assert before["loc_neighbour"] == [1.0, 1.0, 1.0] and before["loc_distracting"] == [None, None, None]
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=60))
+    editor.edit(records)
+    ours = scorer.evaluate(editor, [2, 0])  # any order of edits
+    for k, i in enumerate([2, 0]):
+        record = records[i]
+        alone = [token_accuracy(model, tokenizer, [p.prompt], [record.target], editor)[0]
+                 for p in record.probes_of("rephrase")]
+        assert ours["gen_all"][k] == sum(alone) / len(alone)
+        [reasoning] = record.probes_of("reasoning")
+        port = token_accuracy(model, tokenizer, [reasoning.prompt], [reasoning.answer], editor)[0]
+        assert ours["port_reasoning"][k] == ours["portability"][k] == port
+        [neighbour] = record.probes_of("neighbour")
+        with editor.disabled():
+            base = answer_predictions(model, tokenizer, [neighbour.prompt], [neighbour.answer])
+        now = answer_predictions(model, tokenizer, [neighbour.prompt], [neighbour.answer], editor)
+        assert ours["loc_neighbour"][k] == agreement(now, base)[0]

@@ -30,7 +30,7 @@ from .editor import EditReport, LifelongEditor
 from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
                       target_perplexity, token_accuracy)
 from .planning import ORDER_MODES, OrderPlan, plan_order
-from .probe_metrics import GENERATIVE_KEYS, ProbeEvaluator, aggregate_generative
+from .probe_metrics import GENERATIVE_KEYS, TEACHER_FORCED_KEYS, ProbeEvaluator, TeacherForcedProbes, macro_average
 from .provenance import provenance
 
 logger = logging.getLogger("lemoe")
@@ -38,7 +38,8 @@ logger = logging.getLogger("lemoe")
 PROTOCOLS = ("final", "immediate", "curve")
 METRIC_PROTOCOL = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced",
                    "gen_em": "generative", "ppl": "teacher-forced", "routing_consistency": "final",
-                   **{key: "generative (final)" for key in GENERATIVE_KEYS}, "leak_unedited": "generative"}
+                   **{key: "generative (final)" for key in GENERATIVE_KEYS}, "leak_unedited": "generative",
+                   **{key: "teacher-forced (final)" for key in TEACHER_FORCED_KEYS}}
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Evaluator:
                                             [r.target for r in self.records])
         # every probe, by greedy decoding; the unedited model's outputs are taken now, before any edit
         self.probes = ProbeEvaluator(model, tokenizer, self.records) if generative else None
+        self.teacher_forced_probes = TeacherForcedProbes(model, tokenizer, self.records)
 
     def evaluate(self, editor: Any, indices: Sequence[int], generative: bool | None = None) -> dict[str, list[Any]]:
         """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined.
@@ -199,11 +201,13 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
     order = plan.order
     final_scores = evaluator.evaluate(editor, order)
     final = aggregate(final_scores)
-    probe_scores: dict[str, list[Any]] = {}
+    tf_scores = evaluator.teacher_forced_probes.evaluate(editor, order)  # every probe, per kind
+    probe_scores: dict[str, list[Any]] = {f"tf_{key}": values for key, values in tf_scores.items()}
     generative: dict[str, float | None] | None = None
-    if evaluator.probes is not None:  # every probe kind, by greedy decoding (final protocol)
-        probe_scores = evaluator.probes.evaluate(order)
-        generative = {**aggregate_generative(probe_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
+    if evaluator.probes is not None:  # every probe kind, by greedy decoding
+        generative_scores = evaluator.probes.evaluate(order)
+        probe_scores.update(generative_scores)
+        generative = {**macro_average(generative_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
     if settings.protocol == "curve" and timeline:
         timeline[-1].update({f"curve_{k}": v for k, v in final.items() if k != "gen_em"})
     per_edit = []
@@ -240,6 +244,7 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
         "seed": settings.seed,
         "final": final,
         "generative": generative,
+        "teacher_forced": macro_average(tf_scores),
         "immediate": immediate_scores,
         "ppl_before": _mean_defined(evaluator.ppl_before),
         "ppl_after": final["ppl"],

@@ -202,9 +202,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [(name, METRIC_PROTOCOL[name], summary[name]) for name in ("rel", "gen", "loc", "gen_em")]
     if summary["protocol"] != "final":
         rows += [(f"{name} (final)", METRIC_PROTOCOL[name], summary["final"][name]) for name in ("rel", "gen", "loc")]
-    for name, value in (summary.get("generative") or {}).items():  # every probe kind, as users see it
-        if value is not None:
-            rows.append((name, METRIC_PROTOCOL[name], value))
+    for group in ("generative", "teacher_forced"):  # every probe kind: as users see it, and as papers score it
+        for name, value in (summary.get(group) or {}).items():
+            if value is not None:
+                rows.append((name, METRIC_PROTOCOL[name], value))
     rows += [
         ("routing consistency", "final", summary["routing_consistency"]),
         ("target perplexity before -> after", "teacher-forced",

@@ -1,4 +1,5 @@
-"""Generative probe metrics: what a user sees from greedy decoding, per probe kind (issue 11).
+"""Probe metrics per probe kind (issue 11): generative (what a user sees from greedy decoding) and
+teacher-forced (EasyEdit's definitions on every probe, so papers compare).
 
 Definitions (protocol `generative`, greedy decoding through `model.generate`):
 - `rel_gen`: the prompt's continuation starts with the target's tokens.
@@ -23,7 +24,8 @@ from torch import nn
 
 from .data import EditRecord
 from .encoding import encode_answer, pad_id
-from .probes import LOCALITY_KINDS, REPHRASE
+from .metrics import agreement, answer_predictions, token_accuracy
+from .probes import LOCALITY_KINDS, PORTABILITY_KINDS, REPHRASE
 
 LOC_TOKENS = 8
 GEN_EXTRA_TOKENS = 8
@@ -163,6 +165,47 @@ def _mean_or_none(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def aggregate_generative(scores: dict[str, list[Any]]) -> dict[str, float | None]:
+def macro_average(scores: dict[str, list[Any]]) -> dict[str, float | None]:
     """Macro average: the mean over the edits where each metric is defined."""
     return {key: _mean_or_none([v for v in values if v is not None]) for key, values in scores.items()}
+
+
+# ----------------------------------------------------------------------------- teacher-forced, per kind
+
+TEACHER_FORCED_KEYS = ("gen_all", *(f"loc_{k}" for k in LOCALITY_KINDS), *(f"port_{k}" for k in PORTABILITY_KINDS),
+                       "portability")
+
+
+class TeacherForcedProbes:
+    """Every probe scored as EasyEdit scores its first one, so papers compare: `gen_all` (the target's
+    token accuracy on every rephrase), `loc_<kind>` (the share of a locality probe's answer positions
+    where the edited model's argmax is the unedited model's, taken once at construction), `port_<kind>`
+    and `portability` (the answer's token accuracy on portability probes). Per edit, then over edits."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord]) -> None:
+        self.model, self.tokenizer, self.records = model, tokenizer, list(records)
+        self.locality = [(i, p) for i, r in enumerate(self.records) for p in r.all_probes()
+                         if p.is_locality and p.answer is not None]
+        self.unedited = answer_predictions(model, tokenizer, [p.prompt for _, p in self.locality],
+                                           [p.answer or "" for _, p in self.locality]) if self.locality else []
+
+    def evaluate(self, router: Any, indices: Sequence[int]) -> dict[str, list[Any]]:
+        position = {i: k for k, i in enumerate(indices)}
+        per_edit: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in TEACHER_FORCED_KEYS}
+        chosen = [(n, i, p) for n, (i, p) in enumerate(self.locality) if i in position]
+        if chosen:
+            edited = answer_predictions(self.model, self.tokenizer, [p.prompt for _, _, p in chosen],
+                                        [p.answer or "" for _, _, p in chosen], router)
+            for (n, i, probe), value in zip(chosen, agreement(edited, [self.unedited[n] for n, _, _ in chosen])):
+                per_edit[f"loc_{probe.kind}"][position[i]].append(value)
+        answered = [(i, p, self.records[i].target if p.kind == REPHRASE else p.answer) for i in indices
+                    for p in self.records[i].all_probes() if (p.kind == REPHRASE or p.is_portability) and
+                    (p.kind == REPHRASE or p.answer is not None)]
+        if answered:
+            accuracy = token_accuracy(self.model, self.tokenizer, [p.prompt for _, p, _ in answered],
+                                      [a or "" for _, _, a in answered], router)
+            for (i, probe, _), value in zip(answered, accuracy):
+                keys = ["gen_all"] if probe.kind == REPHRASE else [f"port_{probe.kind}", "portability"]
+                for key in keys:
+                    per_edit[key][position[i]].append(value)
+        return {key: [_mean_or_none(v) for v in values] for key, values in per_edit.items()}
