@@ -77,6 +77,11 @@ def test_generative_probe_scores_match_an_independent_computation(tokenizer):
     ours = evaluator.evaluate(range(len(records)))
     assert set(ours) == set(GENERATIVE_KEYS)
     assert ours == independent(model, tokenizer, records, unedited)
+    # the bench hands over its exact match (the same definition) instead of decoding the prompts again
+    from lemoe.metrics import generative_exact_match
+
+    exact = generative_exact_match(model, tokenizer, [r.prompt for r in records], [r.target for r in records])
+    assert evaluator.evaluate(range(len(records)), exact_match=exact) == ours
     assert sum(ours["rel_gen"]) == 3  # the edits hold, so the comparison is not vacuous
     assert ours["loc_gen_distracting"] == [None, None, None]
 

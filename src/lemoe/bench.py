@@ -205,7 +205,7 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
     probe_scores: dict[str, list[Any]] = {f"tf_{key}": values for key, values in tf_scores.items()}
     generative: dict[str, float | None] | None = None
     if evaluator.probes is not None:  # every probe kind, by greedy decoding
-        generative_scores = evaluator.probes.evaluate(order)
+        generative_scores = evaluator.probes.evaluate(order, exact_match=final_scores["gen_em"])
         probe_scores.update(generative_scores)
         generative = {**macro_average(generative_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
     if settings.protocol == "curve" and timeline:

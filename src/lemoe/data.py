@@ -128,17 +128,6 @@ def _optional_text(record: dict[str, Any], key: str, where: str) -> str | None:
     return _text(record, key, where) if record.get(key) is not None else None
 
 
-def _first_text(value: Any, where: str, key: str) -> str:
-    """A string, or the first string of a non-empty list of strings (KnowEdit's ground_truth)."""
-    if isinstance(value, list):
-        if not value:
-            raise DataError(f"{where}: field {key!r} is an empty list")
-        value = value[0]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string or a list of strings, got {type(value).__name__}")
-    return value
-
-
 def _object(record: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = record.get(key)
     if not isinstance(value, dict):

@@ -91,20 +91,30 @@ def encode_pairs(
     return TeacherForcedBatch(input_ids, attention_mask, prompt_mask, as_long(rows), as_long(positions), as_long(targets))
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts alone as a padded batch: (B, T) ids and attention mask. Left padding for generation."""
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; a prompt that tokenises to nothing is refused by its index."""
     encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
     for i, seq in enumerate(encoded):
         if not seq:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
-    width = max(len(seq) for seq in encoded)
-    ids = torch.full((len(prompts), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, seq in enumerate(encoded):
+    return encoded
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a padded batch: (B, T) ids and attention mask. Left padding for generation."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
         span = slice(width - len(seq), width) if left_pad else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq)
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
         mask[row, span] = 1
     return ids, mask
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts alone as a padded batch: (B, T) ids and attention mask. Left padding for generation."""
+    return pad_sequences(tokenize_prompts(tokenizer, prompts), pad_id(tokenizer), left_pad)
 
 
 def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:

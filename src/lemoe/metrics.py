@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoding import answer_logits, encode_answer, encode_pairs, encode_prompts, max_context, pad_id
+from .encoding import (answer_logits, encode_answer, encode_pairs, max_context, pad_id, pad_sequences,
+                       tokenize_prompts)
 
 
 class PromptRouter(Protocol):
@@ -103,6 +104,22 @@ def agreement(edited: Sequence[torch.Tensor], unedited: Sequence[torch.Tensor]) 
 
 
 @torch.no_grad()
+def greedy_from_ids(model: nn.Module, tokenizer: Any, sequences: Sequence[Sequence[int]], steps: Sequence[int],
+                    batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), `steps[i]` tokens each."""
+    device = model.get_input_embeddings().weight.device
+    results: list[list[int]] = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id(tokenizer), left_pad=True)
+        width, wanted = ids.shape[1], steps[start : start + batch_size]
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted), do_sample=False,
+            pad_token_id=pad_id(tokenizer), eos_token_id=None,
+        )
+        results.extend(generated[row, width : width + wanted[row]].tolist() for row in range(len(wanted)))
+    return results
+
+
 def greedy_completions(
     model: nn.Module,
     tokenizer: Any,
@@ -111,21 +128,8 @@ def greedy_completions(
     batch_size: int = 16,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (left-padded batches, KV cache on)."""
-    device = model.get_input_embeddings().weight.device
     lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    results: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = encode_prompts(tokenizer, chunk, left_pad=True)
-        width = ids.shape[1]
-        steps = max(lengths[start : start + batch_size])
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps, do_sample=False,
-            pad_token_id=pad_id(tokenizer), eos_token_id=None,
-        )
-        for row in range(len(chunk)):
-            results.append(generated[row, width : width + lengths[start + row]].tolist())
-    return results
+    return greedy_from_ids(model, tokenizer, tokenize_prompts(tokenizer, prompts), lengths, batch_size)
 
 
 def generative_exact_match(

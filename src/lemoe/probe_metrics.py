@@ -19,12 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from .data import EditRecord
-from .encoding import encode_answer, pad_id
-from .metrics import agreement, answer_predictions, token_accuracy
+from .encoding import encode_answer
+from .metrics import agreement, answer_predictions, greedy_from_ids, token_accuracy
 from .probes import LOCALITY_KINDS, PORTABILITY_KINDS, REPHRASE
 
 LOC_TOKENS = 8
@@ -32,28 +31,6 @@ GEN_EXTRA_TOKENS = 8
 CHAT_TOKENS = 32
 LEAK_TOKENS = 24
 GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak")
-
-
-@torch.no_grad()
-def greedy_from_ids(model: nn.Module, tokenizer: Any, sequences: Sequence[Sequence[int]], steps: Sequence[int],
-                    batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), `steps[i]` tokens each."""
-    device = model.get_input_embeddings().weight.device
-    out: list[list[int]] = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = [list(s) for s in sequences[start : start + batch_size]]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        wanted = steps[start : start + batch_size]
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max(wanted), do_sample=False, pad_token_id=pad_id(tokenizer),
-                                   eos_token_id=None)
-        out.extend(generated[row, width : width + wanted[row]].tolist() for row in range(len(chunk)))
-    return out
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -92,13 +69,18 @@ class ProbeEvaluator:
 
     # ------------------------------------------------------------------ public
 
-    def evaluate(self, indices: Sequence[int]) -> dict[str, list[Any]]:
-        """Per edit (in `indices` order): every key of GENERATIVE_KEYS, None where a record lacks the probe."""
+    def evaluate(self, indices: Sequence[int], exact_match: Sequence[float] | None = None) -> dict[str, list[Any]]:
+        """Per edit (in `indices` order): every key of GENERATIVE_KEYS, None where a record lacks the probe.
+
+        `exact_match`, when the caller has already decoded it for these edits (the bench's `gen_em`,
+        `metrics.generative_exact_match`), is `rel_gen`'s definition, so it is taken instead of decoding
+        the prompts again."""
         indices = list(indices)
         jobs: list[_Job] = []
         for k, i in enumerate(indices):
             record, target_len = self.records[i], len(self.targets[i])
-            jobs.append(_Job(k, "rel", prompt_ids(self.tokenizer, record.prompt), target_len))
+            if exact_match is None:
+                jobs.append(_Job(k, "rel", prompt_ids(self.tokenizer, record.prompt), target_len))
             for probe in record.probes_of(REPHRASE):
                 jobs.append(_Job(k, "gen", prompt_ids(self.tokenizer, probe.prompt), target_len + GEN_EXTRA_TOKENS))
             rephrases = record.probes_of(REPHRASE)
@@ -116,7 +98,7 @@ class ProbeEvaluator:
             scores[job.key][job.edit].append(float(hit))
         edited_loc = self._locality_continuations(indices)
         result: dict[str, list[Any]] = {
-            "rel_gen": [_mean_or_none(v) for v in scores["rel"]],
+            "rel_gen": list(exact_match) if exact_match is not None else [_mean_or_none(v) for v in scores["rel"]],
             "gen_gen": [_mean_or_none(v) for v in scores["gen"]],
             "chat_gen": [_mean_or_none(v) for v in scores["chat"]],
         }
