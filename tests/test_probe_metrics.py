@@ -12,7 +12,8 @@ from lemoe import EditRecord, LifelongEditor
 from lemoe.bench import BenchSettings, run_bench
 from lemoe.encoding import encode_answer
 from lemoe.metrics import agreement, answer_predictions, token_accuracy
-from lemoe.probe_metrics import GENERATIVE_KEYS, TEACHER_FORCED_KEYS, ProbeEvaluator, TeacherForcedProbes
+from lemoe.probe_metrics import (GENERATIVE_KEYS, PROBABILITY_KEYS, TEACHER_FORCED_KEYS, ProbabilityScores,
+                                 ProbeEvaluator, TeacherForcedProbes, chat_question, ngram_entropy)
 from lemoe.probes import Probe
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -61,6 +62,9 @@ def independent(model: Any, tok: Any, records: list[EditRecord], unedited: dict[
             scores[f"loc_gen_{kind}"].append(float(now == unedited[(i, kind)]))
         text = tok.decode(greedy_alone(model, tok, tok(record.prompt)["input_ids"], 24)).lower()
         scores["leak"].append(float(any(t in text for j, t in enumerate(targets) if j != i and t not in targets[i])))
+        [generation] = record.probes_of("generation")
+        free = greedy_alone(model, tok, tok(generation.prompt)["input_ids"], 64)
+        scores["fluency"].append(ngram_entropy(tok.decode(free, skip_special_tokens=True)))
     return scores
 
 
@@ -103,6 +107,27 @@ def test_bench_summary_and_edits_carry_every_generative_key(tokenizer, tmp_path)
     assert summary["metric_protocol"]["loc_gen_neighbour"] == "generative (final)"
     line = json.loads((tmp_path / "edits.jsonl").read_text().splitlines()[0])
     assert all(key in line for key in GENERATIVE_KEYS)
+    # CounterFact's probability scores are undefined without an old fact; the unedited model's values beside
+    assert set(summary["probability"]) == set(PROBABILITY_KEYS) and summary["probability"]["efficacy_score"] is None
+    assert summary["unedited"]["leak"] == summary["generative"]["leak_unedited"]
+    assert {"rel_gen", "gen_gen", "chat_gen", "fluency"} <= set(summary["unedited"])
+    assert (tmp_path / "probe_families.png").stat().st_size > 0
+
+
+def test_bench_table_groups_every_measured_metric_beside_the_unedited_value():
+    from lemoe.bench import report_rows
+
+    summary = {"rel": 1.0, "gen": 0.5, "loc": None, "generative": {"rel_gen": 1.0, "gen_gen": 0.2,
+               "loc_gen_neighbour": 0.7, "leak": 0.3, "fluency": 4.0, "chat_gen": None},
+               "teacher_forced": {"loc_same_subject": 0.9}, "probability": {"efficacy_score": 0.95},
+               "unedited": {"rel_gen": 0.0, "gen_gen": 0.1, "leak": 0.1, "fluency": 4.5, "efficacy_score": 0.1}}
+    rows = report_rows(summary)
+    assert [(g, k) for g, k, *_ in rows] == [
+        ("edit", "rel"), ("edit", "rel_gen"), ("edit", "efficacy_score"), ("generalise", "gen"),
+        ("generalise", "gen_gen"), ("keep", "loc_same_subject"), ("keep", "loc_gen_neighbour"), ("keep", "leak"),
+        ("fluency", "fluency")]
+    by_key = {k: (value, before) for _, k, _, value, before in rows}
+    assert by_key["loc_gen_neighbour"] == (0.7, 1.0) and by_key["leak"] == (0.3, 0.1) and by_key["rel"] == (1.0, None)
 
 
 def _saved(tokenizer: Any) -> str:
@@ -137,3 +162,59 @@ def test_teacher_forced_probes_score_every_probe_one_at_a_time(tokenizer):
             base = answer_predictions(model, tokenizer, [neighbour.prompt], [neighbour.answer])
         now = answer_predictions(model, tokenizer, [neighbour.prompt], [neighbour.answer], editor)
         assert ours["loc_neighbour"][k] == agreement(now, base)[0]
+
+
+def test_ngram_entropy_is_romes_weighted_mean_of_bigram_and_trigram_entropy():
+    import math
+
+    # words a b a b: bigrams ab, ba, ab (p = 2/3, 1/3); trigrams aba, bab (p = 1/2, 1/2)
+    bigram = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert abs(ngram_entropy("a b a b") - (2 / 3 * bigram + 4 / 3 * 1.0) / 2) < 1e-12
+    assert ngram_entropy("the the the the the the") == 0.0  # a degenerate repetition has no entropy
+    assert ngram_entropy("") == 0.0
+    assert ngram_entropy("Paris, France.") > 0  # punctuation counts as words, as NLTK's tokenizer does
+
+
+def test_chat_asks_the_question_probe_else_the_first_rephrase_else_the_prompt():
+    both = EditRecord(prompt="p", target="t", probes=(Probe("rephrase", "r1", "t"), Probe("rephrase", "r2", "t"),
+                                                      Probe("question", "What is p?", "t")))
+    assert chat_question(both) == "What is p?"
+    assert chat_question(EditRecord(prompt="p", target="t", probes=(Probe("rephrase", "r1", "t"),))) == "r1"
+    assert chat_question(EditRecord(prompt="p", target="t")) == "p"
+
+
+def _mean_nll(model: Any, tok: Any, prompt: str, answer: str, editor: Any) -> float:
+    """-mean log p(answer tokens | prompt), one pair alone, routed on the prompt like generation."""
+    prompt_ids, answer_ids = tok(prompt)["input_ids"], encode_answer(tok, answer)
+    ids = torch.tensor([prompt_ids + answer_ids])
+    mask = torch.zeros_like(ids)
+    mask[0, : len(prompt_ids)] = 1
+    with editor.prompt_positions(mask), torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    return float(-sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(answer_ids)) / len(answer_ids))
+
+
+def test_counterfact_probability_scores_match_a_pair_at_a_time_computation(tokenizer):
+    model = make_model("llama")
+    records = [EditRecord(prompt=r.prompt, target=r.target, target_true="Berlin", probes=r.probes)
+               for r in probe_records()]
+    records.append(EditRecord(prompt="What is 7?", target="seven"))  # no old fact: no scores
+    scorer = ProbabilityScores(model, tokenizer, records)
+    assert scorer.unedited["efficacy_score"][3] is None
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=150))
+    editor.edit(records[:3])
+    ours = scorer.evaluate(editor, [1, 0, 2, 3])
+    assert set(ours) == set(PROBABILITY_KEYS)
+    for k, i in enumerate([1, 0, 2]):
+        record = records[i]
+
+        def new_wins(prompt: str) -> float:
+            return float(_mean_nll(model, tokenizer, prompt, record.target, editor)
+                         < _mean_nll(model, tokenizer, prompt, "Berlin", editor))
+
+        assert ours["efficacy_score"][k] == new_wins(record.prompt)
+        assert ours["paraphrase_score"][k] == new_wins(record.probes_of("rephrase")[0].prompt)
+        assert ours["neighbourhood_score"][k] == 1 - new_wins(record.probes_of("neighbour")[0].prompt)
+    assert ours["efficacy_score"] == [1.0, 1.0, 1.0, None]  # the edits hold, so the comparison is not vacuous
+    assert scorer.unedited_scores([0, 1, 2])["efficacy_score"] < 1.0

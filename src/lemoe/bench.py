@@ -30,7 +30,9 @@ from .editor import EditReport, LifelongEditor
 from .metrics import (agreement, answer_predictions, generative_exact_match, mean, score_answers,
                       target_perplexity, token_accuracy)
 from .planning import ORDER_MODES, OrderPlan, plan_order
-from .probe_metrics import GENERATIVE_KEYS, TEACHER_FORCED_KEYS, ProbeEvaluator, TeacherForcedProbes, macro_average
+from .probe_metrics import (GENERATIVE_KEYS, PROBABILITY_KEYS, TEACHER_FORCED_KEYS, ProbabilityScores,
+                           ProbeEvaluator, TeacherForcedProbes, macro_average)
+from .probes import LOCALITY_KINDS, PORTABILITY_KINDS
 from .provenance import provenance
 
 logger = logging.getLogger("lemoe")
@@ -39,6 +41,7 @@ PROTOCOLS = ("final", "immediate", "curve")
 METRIC_PROTOCOL = {"rel": "teacher-forced", "gen": "teacher-forced", "loc": "teacher-forced",
                    "gen_em": "generative", "ppl": "teacher-forced", "routing_consistency": "final",
                    **{key: "generative (final)" for key in GENERATIVE_KEYS}, "leak_unedited": "generative",
+                   **{key: "teacher-forced probability (final)" for key in PROBABILITY_KEYS},
                    **{key: "teacher-forced (final)" for key in TEACHER_FORCED_KEYS}}
 
 
@@ -81,6 +84,7 @@ class Evaluator:
         # every probe, by greedy decoding; the unedited model's outputs are taken now, before any edit
         self.probes = ProbeEvaluator(model, tokenizer, self.records) if generative else None
         self.teacher_forced_probes = TeacherForcedProbes(model, tokenizer, self.records)
+        self.probability = ProbabilityScores(model, tokenizer, self.records)  # CounterFact's scores
 
     def evaluate(self, editor: Any, indices: Sequence[int], generative: bool | None = None) -> dict[str, list[Any]]:
         """Per edit (in `indices` order): rel, gen, loc, gen_em, ppl, routed expert. None where undefined.
@@ -203,11 +207,15 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
     final = aggregate(final_scores)
     tf_scores = evaluator.teacher_forced_probes.evaluate(editor, order)  # every probe, per kind
     probe_scores: dict[str, list[Any]] = {f"tf_{key}": values for key, values in tf_scores.items()}
+    probability_scores = evaluator.probability.evaluate(editor, order)
+    probe_scores.update(probability_scores)
+    unedited = evaluator.probability.unedited_scores(order)
     generative: dict[str, float | None] | None = None
     if evaluator.probes is not None:  # every probe kind, by greedy decoding
         generative_scores = evaluator.probes.evaluate(order, exact_match=final_scores["gen_em"])
         probe_scores.update(generative_scores)
         generative = {**macro_average(generative_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
+        unedited.update(evaluator.probes.unedited_scores(order))
     if settings.protocol == "curve" and timeline:
         timeline[-1].update({f"curve_{k}": v for k, v in final.items() if k != "gen_em"})
     per_edit = []
@@ -245,6 +253,8 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
         "final": final,
         "generative": generative,
         "teacher_forced": macro_average(tf_scores),
+        "probability": macro_average(probability_scores),
+        "unedited": unedited,
         "immediate": immediate_scores,
         "ppl_before": _mean_defined(evaluator.ppl_before),
         "ppl_after": final["ppl"],
@@ -326,17 +336,52 @@ def write_comparison(root: Path, result: dict[str, Any]) -> None:
 
 
 def comparison_rows(result: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """(method, Rel, Gen, Loc, average, exact match, s/edit, adapter bytes) per method, final protocol."""
+    """One row of COMPARISON_COLUMNS per method, final protocol."""
     rows = []
     for method, summary in result["methods"].items():
-        final = summary["final"]
+        final, generative = summary["final"], summary.get("generative") or {}
         parts = [final[k] for k in ("rel", "gen", "loc") if final[k] is not None]
         rows.append((method, final["rel"], final["gen"], final["loc"], sum(parts) / len(parts) if parts else None,
-                     final["gen_em"], summary["seconds_per_edit"], summary["adapter_bytes"]))
+                     final["gen_em"], *(generative.get(k) for k in COMPARISON_GENERATIVE),
+                     summary["seconds_per_edit"], summary["adapter_bytes"]))
     return rows
 
 
-COMPARISON_COLUMNS = ("method", "Rel", "Gen", "Loc", "average", "exact match", "s/edit", "adapter bytes")
+# The bench table's groups: did the edit take, does it generalise, is everything else kept, is the text fluent.
+# Each entry: (summary section or None for the top level, key).
+REPORT_GROUPS: tuple[tuple[str, tuple[tuple[str | None, str], ...]], ...] = (
+    ("edit", ((None, "rel"), ("generative", "rel_gen"), ("probability", "efficacy_score"))),
+    ("generalise", ((None, "gen"), ("teacher_forced", "gen_all"), ("generative", "gen_gen"),
+                    ("generative", "chat_gen"), ("probability", "paraphrase_score"),
+                    *(("teacher_forced", f"port_{k}") for k in PORTABILITY_KINDS),
+                    ("teacher_forced", "portability"))),
+    ("keep", ((None, "loc"), *(("teacher_forced", f"loc_{k}") for k in LOCALITY_KINDS),
+              *(("generative", f"loc_gen_{k}") for k in LOCALITY_KINDS),
+              ("probability", "neighbourhood_score"), ("generative", "leak"))),
+    ("fluency", (("generative", "fluency"),)),
+)
+
+
+def report_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, float, float | None]]:
+    """The bench table: (group, metric, protocol, edited model, unedited model) for every metric this run
+    measured. The unedited column holds what was measured before any edit; locality is 1 there by
+    definition (it compares with the unedited model)."""
+    unedited = summary.get("unedited") or {}
+    rows = []
+    for group, keys in REPORT_GROUPS:
+        for section, key in keys:
+            value = summary.get(key) if section is None else (summary.get(section) or {}).get(key)
+            if value is None:
+                continue
+            before = 1.0 if key.startswith("loc") else unedited.get(key)
+            rows.append((group, key, METRIC_PROTOCOL[key], value, before))
+    return rows
+
+
+COMPARISON_GENERATIVE = ("gen_gen", "chat_gen", "loc_gen_unrelated", "loc_gen_neighbour", "loc_gen_same_subject",
+                         "leak")
+COMPARISON_COLUMNS = ("method", "Rel", "Gen", "Loc", "average", "exact match", *COMPARISON_GENERATIVE, "s/edit",
+                      "adapter bytes")
 
 
 def comparison_table(result: dict[str, Any]) -> str:
@@ -347,7 +392,8 @@ def comparison_table(result: dict[str, Any]) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = [f"# Comparison: {result['data']}, T={result['T']}, batch {result['batch_size']}, {result['order']} order",
-             "", "Final protocol; Rel / Gen / Loc teacher-forced, exact match generative (greedy).", "",
+             "", "Final protocol; Rel / Gen / Loc teacher-forced; exact match and the *_gen and leak columns "
+             "generative (greedy; docs/results.md defines them).", "",
              "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in comparison_rows(result)]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,6 @@ import logging
 import sys
 import textwrap
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,43 +93,58 @@ def _progress(total: int, desc: str) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .bench import Evaluator, aggregate
-    from .data import EditRecord
+    from .demo import SECTIONS, decode_probes, demo_edits, demo_probes, section_scores, short_text
     from .editor import LifelongEditor
-    from .metrics import greedy_completions
+    from .probe_metrics import macro_average
 
-    raw = json.loads(resources.files("lemoe").joinpath("resources/demo_edits.json").read_text(encoding="utf-8"))
-    edits = [EditRecord.from_dict(r, f"demo record {i}") for i, r in enumerate(raw)][: args.n]
+    edits = demo_edits(args.n)
     model, tok = _load(args, args.model)
-    prompts = [e.prompt for e in edits]
-    loc_prompts = [e.locality_prompt or "" for e in edits]
-    before = greedy_completions(model, tok, prompts, args.max_new_tokens)
-    before_loc = greedy_completions(model, tok, loc_prompts, args.max_new_tokens)
-    evaluator = Evaluator(model, tok, edits, generative=True)  # unedited locality answers, taken now
+    probes = demo_probes(tok, edits)
+    decode_probes(model, tok, probes, "before")
+    evaluator = Evaluator(model, tok, edits, generative=True)  # the unedited model's outputs, taken now
 
     editor = LifelongEditor(model, tok, _config_from(args), output_dir=args.out)
     started = time.perf_counter()
     with _progress(len(edits), "editing") as bar:
         editor.edit_stream(edits, args.batch_size, on_batch=lambda r: bar.update(r.num_edits))
     seconds = time.perf_counter() - started
+    decode_probes(model, tok, probes, "after")
 
-    after = greedy_completions(model, tok, prompts, args.max_new_tokens)
-    after_loc = greedy_completions(model, tok, loc_prompts, args.max_new_tokens)
-    short = lambda ids: tok.decode(ids, skip_special_tokens=True).strip().split("\n")[0][:34]  # noqa: E731
-    print("\nEdited facts (greedy completion of the prompt):")
-    print(_table([(e.prompt[:44], e.target, short(b), short(a)) for e, b, a in zip(edits, before, after)],
-                 ["prompt", "new target", "before", "after"]))
-    print("\nUnrelated facts (must not change; each is a near neighbour of an edit, the hard case for routing):")
-    print(_table([(p[:44], short(b), short(a)) for p, b, a in zip(loc_prompts, before_loc, after_loc)],
-                 ["locality prompt", "before", "after"]))
+    short = short_text(tok)
+    passed = section_scores(tok, edits, probes)
+    targets = [evaluator.probes.targets[i] if evaluator.probes else [] for i in range(len(edits))]
+    for section, meaning in SECTIONS:
+        chosen = [p for p in probes if p.section == section]
+        if not chosen:
+            continue
+        good, total = passed[section]
+        print(f"\n{section}: {good}/{total} pass ({meaning}; greedy)")
+        print(_table([(p.shown[:46], p.expected[:22], short(p.before), short(p.after),
+                       "yes" if p.passed(tok, targets[p.edit]) else "NO") for p in chosen],
+                     ["prompt" if section != "chat question" else "user message", "expected", "before", "after",
+                      "pass"]))
     scores = aggregate(evaluator.evaluate(editor, range(len(edits))))
+    generative = macro_average(evaluator.probes.evaluate(range(len(edits)))) if evaluator.probes else {}
+    unedited = evaluator.probes.unedited_scores(range(len(edits))) if evaluator.probes else {}
     print(f"\nProtocol: final (all {len(edits)} edits applied in batches of {args.batch_size}, then evaluated)")
-    print(_table([
-        ("Rel (reliability)", "teacher-forced", scores["rel"]),
-        ("Gen (rephrases)", "teacher-forced", scores["gen"]),
-        ("Loc (unrelated facts kept)", "teacher-forced", scores["loc"]),
-        ("exact match of the target", "generative", scores["gen_em"]),
-        ("routing consistency", "final", editor.routing_consistency()),
-    ], ["metric", "protocol", "value"]))
+    rows = [
+        ("edited prompt starts with the target", "rel_gen", "generative", generative.get("rel_gen"),
+         unedited.get("rel_gen")),
+        ("rephrase contains the target", "gen_gen", "generative", generative.get("gen_gen"), unedited.get("gen_gen")),
+        ("chat answer contains the target", "chat_gen", "generative", generative.get("chat_gen"),
+         unedited.get("chat_gen")),
+        ("neighbours unchanged", "loc_gen_neighbour", "generative", generative.get("loc_gen_neighbour"), 1.0),
+        ("same-subject facts unchanged", "loc_gen_same_subject", "generative",
+         generative.get("loc_gen_same_subject"), 1.0),
+        ("continuation names another edit's target", "leak", "generative", generative.get("leak"),
+         unedited.get("leak")),
+        ("fluency (n-gram entropy, bits)", "fluency", "generative", generative.get("fluency"), unedited.get("fluency")),
+        ("Rel (reliability)", "rel", "teacher-forced", scores["rel"], None),
+        ("Gen (rephrases)", "gen", "teacher-forced", scores["gen"], None),
+        ("Loc (first neighbour kept)", "loc", "teacher-forced", scores["loc"], 1.0),
+        ("routing consistency", "", "final", editor.routing_consistency(), None),
+    ]
+    print(_table(rows, ["metric", "key", "protocol", "edited", "unedited"]))
     print(f"\n{len(edits)} edits in {seconds:.1f}s ({seconds / len(edits):.2f} s/edit), "
           f"{editor.num_experts} experts at layer {editor.layer_idx}"
           + (f"; adapter saved to {args.out}" if args.out else ""))
@@ -177,7 +191,7 @@ def _has_overrides(args: argparse.Namespace) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import METRIC_PROTOCOL, BenchSettings, run_bench
+    from .bench import BenchSettings, report_rows, run_bench
     from .data import read_edits
 
     settings = BenchSettings(data=str(args.data), T=args.T, batch_size=args.batch_size, order=args.order,
@@ -199,21 +213,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             on_batch=lambda report: bar.update(report.num_edits))
     print(f"\n{summary['method']} on {Path(args.data).name}: T={summary['T']}, batch {summary['batch_size']}, "
           f"{summary['order']} order, {summary['protocol']} protocol")
-    rows = [(name, METRIC_PROTOCOL[name], summary[name]) for name in ("rel", "gen", "loc", "gen_em")]
-    if summary["protocol"] != "final":
-        rows += [(f"{name} (final)", METRIC_PROTOCOL[name], summary["final"][name]) for name in ("rel", "gen", "loc")]
-    for group in ("generative", "teacher_forced"):  # every probe kind: as users see it, and as papers score it
-        for name, value in (summary.get(group) or {}).items():
-            if value is not None:
-                rows.append((name, METRIC_PROTOCOL[name], value))
+    # every probe kind, as users see it (generative) and as papers score it (teacher-forced), beside the
+    # unedited model's value; rel / gen / loc carry the run's protocol, every other row is final
+    rows: list[tuple[Any, ...]] = [(group, name, protocol if name not in ("rel", "gen", "loc") else
+                                    f"{protocol} ({summary['protocol']})", value, "-" if before is None else before)
+                                   for group, name, protocol, value, before in report_rows(summary)]
     rows += [
-        ("routing consistency", "final", summary["routing_consistency"]),
-        ("target perplexity before -> after", "teacher-forced",
-         f"{summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f}"),
-        ("seconds per edit", "", summary["seconds_per_edit"]),
-        ("peak RSS (MB)", "", f"{summary['peak_rss_mb']:.0f}"),
+        ("", "routing consistency", "final", summary["routing_consistency"], "-"),
+        ("", "target perplexity", "teacher-forced", summary["ppl_after"], summary["ppl_before"]),
+        ("", "seconds per edit", "", summary["seconds_per_edit"], "-"),
+        ("", "peak RSS (MB)", "", f"{summary['peak_rss_mb']:.0f}", "-"),
     ]
-    print(_table(rows, ["metric", "protocol", "value"]))
+    print(_table(rows, ["group", "metric", "protocol", "edited", "unedited"]))
     print(f"results: {args.out} (summary.json, edits.jsonl, timeline.csv, *.png)")
     return 0
 
@@ -384,7 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "completions before and after, plus Rel / Gen / Loc.")
     demo.add_argument("--n", type=int, default=20, help="how many of the built-in edits to apply")
     demo.add_argument("--out", default=None, help="also save the adapter to this directory")
-    demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per completion")
     demo.set_defaults(func=cmd_demo)
 
     edit = sub.add_parser("edit", parents=[common, method], help="apply a file of edits; resumable",

@@ -19,6 +19,8 @@ def _pyplot() -> Any:
 def plot_results(out: Path, summary: dict[str, Any], per_edit: Sequence[dict[str, Any]],
                  timeline: Sequence[dict[str, Any]]) -> list[Path]:
     paths = [plot_reliability_over_time(out / "reliability_over_time.png", summary, per_edit, timeline)]
+    if summary.get("generative"):
+        paths.append(plot_probe_families(out / "probe_families.png", summary))
     if summary.get("method", "lemoe") == "lemoe":  # expert routing plots: one expert per batch
         paths += [plot_routing_heatmap(out / "routing_heatmap.png", per_edit, int(summary["experts"])),
                   plot_expert_usage(out / "expert_usage.png", per_edit, int(summary["experts"]))]
@@ -138,6 +140,50 @@ def plot_forgetting_curves(path: Path, curves: dict[str, Sequence[dict[str, Any]
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("score")
     axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# (label, summary section, key): higher is better for every family; leak is shown as "no leak"
+PROBE_FAMILIES = (
+    ("edited prompt", "generative", "rel_gen"),
+    ("rephrase", "generative", "gen_gen"),
+    ("chat question", "generative", "chat_gen"),
+    ("portability", "teacher_forced", "portability"),
+    ("unrelated kept", "generative", "loc_gen_unrelated"),
+    ("neighbours kept", "generative", "loc_gen_neighbour"),
+    ("same subject kept", "generative", "loc_gen_same_subject"),
+    ("distracting kept", "generative", "loc_gen_distracting"),
+    ("no leak", "generative", "leak"),
+)
+
+
+def plot_probe_families(path: Path, summary: dict[str, Any]) -> Path:
+    """One bar pair per probe family this run measured: the edited model beside the unedited one."""
+    plt = _pyplot()
+    unedited = summary.get("unedited") or {}
+    labels, edited_values, unedited_values = [], [], []
+    for label, section, key in PROBE_FAMILIES:
+        value = (summary.get(section) or {}).get(key)
+        if value is None:
+            continue
+        before = 1.0 if key.startswith("loc") else unedited.get(key)
+        if key == "leak":
+            value, before = 1 - value, None if before is None else 1 - before
+        labels.append(label)
+        edited_values.append(value)
+        unedited_values.append(before if before is not None else float("nan"))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], unedited_values, width=0.4, label="unedited model", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], edited_values, width=0.4, label="edited model", color="#1f77b4")
+    ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share (generative; portability teacher-forced)")
+    ax.set_title(f"{summary.get('method', 'lemoe')}, T={summary.get('T')}: probe families (final)")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,11 +11,22 @@ Definitions (protocol `generative`, greedy decoding through `model.generate`):
   over its probes of that kind.
 - `leak`: the prompt's 24-token continuation contains another edit's target (one not inside this
   edit's own target), case-insensitive. Reported for the unedited model too (`leak_unedited`).
-Per edit first, then the mean over the edits where a metric is defined (macro average).
+- `fluency`: ROME's generation entropy, the weighted mean of bi- and tri-gram entropies (weights 2/3 and
+  4/3, bits) of the 64-token greedy continuation of the record's first generation prompt (the prompt
+  itself when it has none). ROME samples 100 tokens and splits words with NLTK; we decode greedily and
+  split words with a regular expression, so compare our values with each other, not with ROME's.
+Per edit first, then the mean over the edits where a metric is defined (macro average). Every
+generative metric is also taken on the unedited model, once, before any edit (`unedited`).
+
+Protocol `teacher-forced probability` (`ProbabilityScores`): CounterFact's scores as ROME, MEMIT and
+AlphaEdit report them, for records that name the fact before the edit (`target_true`).
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,14 +34,15 @@ from torch import nn
 
 from .data import EditRecord
 from .encoding import encode_answer
-from .metrics import agreement, answer_predictions, greedy_from_ids, token_accuracy
-from .probes import LOCALITY_KINDS, PORTABILITY_KINDS, REPHRASE
+from .metrics import agreement, answer_predictions, greedy_from_ids, score_answers, token_accuracy
+from .probes import GENERATION, LOCALITY_KINDS, PORTABILITY_KINDS, QUESTION, REPHRASE
 
 LOC_TOKENS = 8
 GEN_EXTRA_TOKENS = 8
 CHAT_TOKENS = 32
 LEAK_TOKENS = 24
-GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak")
+FLUENCY_TOKENS = 64
+GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak", "fluency")
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -65,7 +77,8 @@ class ProbeEvaluator:
         self.model, self.tokenizer, self.records, self.batch_size = model, tokenizer, list(records), batch_size
         self.targets = [encode_answer(tokenizer, r.target) for r in self.records]
         self.unedited_loc = self._locality_continuations(range(len(self.records)))
-        self.leak_unedited = self._leaks(range(len(self.records)))
+        self.unedited = self._evaluate(range(len(self.records)), None, self.unedited_loc)  # loc_gen_*: 1.0
+        self.leak_unedited = dict(enumerate(self.unedited["leak"]))
 
     # ------------------------------------------------------------------ public
 
@@ -75,6 +88,10 @@ class ProbeEvaluator:
         `exact_match`, when the caller has already decoded it for these edits (the bench's `gen_em`,
         `metrics.generative_exact_match`), is `rel_gen`'s definition, so it is taken instead of decoding
         the prompts again."""
+        return self._evaluate(indices, exact_match, None)
+
+    def _evaluate(self, indices: Sequence[int], exact_match: Sequence[float] | None,
+                  locality: dict[int, dict[str, list[list[int]]]] | None) -> dict[str, list[Any]]:
         indices = list(indices)
         jobs: list[_Job] = []
         for k, i in enumerate(indices):
@@ -83,20 +100,24 @@ class ProbeEvaluator:
                 jobs.append(_Job(k, "rel", prompt_ids(self.tokenizer, record.prompt), target_len))
             for probe in record.probes_of(REPHRASE):
                 jobs.append(_Job(k, "gen", prompt_ids(self.tokenizer, probe.prompt), target_len + GEN_EXTRA_TOKENS))
-            rephrases = record.probes_of(REPHRASE)
-            chat = chat_ids(self.tokenizer, rephrases[0].prompt if rephrases else record.prompt)
+            chat = chat_ids(self.tokenizer, chat_question(record))
             if chat is not None:
                 jobs.append(_Job(k, "chat", chat, CHAT_TOKENS))
+            generation = record.probes_of(GENERATION)
+            if generation:
+                jobs.append(_Job(k, "fluency", prompt_ids(self.tokenizer, generation[0].prompt), FLUENCY_TOKENS))
         outputs = self._run(jobs)
-        scores: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in ("rel", "gen", "chat")}
+        scores: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in ("rel", "gen", "chat", "fluency")}
         for job, tokens in zip(jobs, outputs):
             i = indices[job.edit]
             if job.key == "rel":
-                hit = tokens[: len(self.targets[i])] == self.targets[i]
+                hit = float(tokens[: len(self.targets[i])] == self.targets[i])
+            elif job.key == "fluency":
+                hit = ngram_entropy(self.tokenizer.decode(tokens, skip_special_tokens=True))
             else:
-                hit = _contains(self.tokenizer.decode(tokens), self.records[i].target)
-            scores[job.key][job.edit].append(float(hit))
-        edited_loc = self._locality_continuations(indices)
+                hit = float(_contains(self.tokenizer.decode(tokens), self.records[i].target))
+            scores[job.key][job.edit].append(hit)
+        edited_loc = locality if locality is not None else self._locality_continuations(indices)
         result: dict[str, list[Any]] = {
             "rel_gen": list(exact_match) if exact_match is not None else [_mean_or_none(v) for v in scores["rel"]],
             "gen_gen": [_mean_or_none(v) for v in scores["gen"]],
@@ -107,12 +128,18 @@ class ProbeEvaluator:
                 _mean_or_none([float(edited == unedited) for edited, unedited in
                                zip(edited_loc[i].get(kind, []), self.unedited_loc[i].get(kind, []))])
                 for i in indices]
-        leaks = self._leaks(indices)
+        leaks, prompt_fluency = self._leaks(indices)
         result["leak"] = [leaks[i] for i in indices]
+        result["fluency"] = [_mean_or_none(v) if v else prompt_fluency.get(i) for i, v in zip(indices, scores["fluency"])]
         return result
 
     def leak_unedited_rate(self, indices: Sequence[int]) -> float | None:
         return _mean_or_none([self.leak_unedited[i] for i in indices])
+
+    def unedited_scores(self, indices: Sequence[int]) -> dict[str, float | None]:
+        """The unedited model's macro averages over `indices` (loc_gen_* left out: 1.0 by definition)."""
+        return {key: _mean_or_none([v for i in indices if (v := self.unedited[key][i]) is not None])
+                for key in GENERATIVE_KEYS if not key.startswith("loc_gen_")}
 
     # ------------------------------------------------------------------ pieces
 
@@ -128,15 +155,45 @@ class ProbeEvaluator:
             found[job.edit].setdefault(job.key, []).append(tokens)
         return found
 
-    def _leaks(self, indices: Sequence[int] | range) -> dict[int, float]:
-        jobs = [_Job(i, "leak", prompt_ids(self.tokenizer, self.records[i].prompt), LEAK_TOKENS) for i in indices]
+    def _leaks(self, indices: Sequence[int] | range) -> tuple[dict[int, float], dict[int, float]]:
+        """Per edit, leak (first 24 tokens of the prompt's continuation) and, for records without a
+        generation prompt, fluency (the same continuation, 64 tokens: one decoding serves both)."""
+        def steps(i: int) -> int:
+            return LEAK_TOKENS if self.records[i].probes_of(GENERATION) else FLUENCY_TOKENS
+
+        jobs = [_Job(i, "leak", prompt_ids(self.tokenizer, self.records[i].prompt), steps(i)) for i in indices]
         targets = [r.target.strip().lower() for r in self.records]
-        leaks = {}
+        leaks, fluency = {}, {}
         for job, tokens in zip(jobs, self._run(jobs)):
-            text, own = self.tokenizer.decode(tokens).lower(), targets[job.edit]
+            text, own = self.tokenizer.decode(tokens[:LEAK_TOKENS]).lower(), targets[job.edit]
             leaks[job.edit] = float(any(t and t != own and t not in own and t in text
                                         for j, t in enumerate(targets) if j != job.edit))
-        return leaks
+            if job.steps == FLUENCY_TOKENS:
+                fluency[job.edit] = ngram_entropy(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        return leaks, fluency
+
+
+def chat_question(record: EditRecord) -> str:
+    """What `chat_gen` asks: the record's question probe, else its first rephrase, else its prompt."""
+    for kind in (QUESTION, REPHRASE):
+        found = record.probes_of(kind)
+        if found:
+            return found[0].prompt
+    return record.prompt
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency measure: the mean of weight * entropy (bits) of each n-gram frequency distribution."""
+    words = _WORD.findall(text)
+    values = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(words[k : k + n]) for k in range(len(words) - n + 1))
+        total = sum(grams.values())
+        values.append(weight * -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
+    return sum(values) / len(values)
 
 
 def _contains(text: str, target: str) -> bool:
@@ -191,3 +248,47 @@ class TeacherForcedProbes:
                 for key in keys:
                     per_edit[key][position[i]].append(value)
         return {key: [_mean_or_none(v) for v in values] for key, values in per_edit.items()}
+
+
+# ----------------------------------------------------------------------------- CounterFact probability scores
+
+PROBABILITY_KEYS = ("efficacy_score", "paraphrase_score", "neighbourhood_score")
+_PROBABILITY_PROBES = {"efficacy_score": None, "paraphrase_score": REPHRASE, "neighbourhood_score": "neighbour"}
+
+
+class ProbabilityScores:
+    """CounterFact's scores as ROME, MEMIT and AlphaEdit report them, for records naming `target_true`:
+    on the prompt (efficacy) and on each rephrase (paraphrase), 1 where the new target is likelier than
+    the old fact; on each neighbour (neighbourhood), 1 where the old fact's neighbour answer stays
+    likelier than the new target. "Likelier" compares the mean negative log-likelihood per answer
+    token, as ROME's code does. Per edit over its probes, then over edits; the unedited model's scores
+    are taken once, at construction."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord]) -> None:
+        self.model, self.tokenizer, self.records = model, tokenizer, list(records)
+        self.unedited = self.evaluate(None, range(len(self.records)))
+
+    def evaluate(self, router: Any, indices: Sequence[int]) -> dict[str, list[Any]]:
+        indices = list(indices)
+        pairs = []  # (position in indices, key, prompt)
+        for k, i in enumerate(indices):
+            record = self.records[i]
+            if record.target_true is None:
+                continue
+            for key, kind in _PROBABILITY_PROBES.items():
+                prompts = [record.prompt] if kind is None else [p.prompt for p in record.probes_of(kind)]
+                pairs += [(k, key, prompt) for prompt in prompts]
+        per_edit: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in PROBABILITY_KEYS}
+        if pairs:
+            new = [self.records[indices[k]].target for k, _, _ in pairs]
+            true = [self.records[indices[k]].target_true or "" for k, _, _ in pairs]
+            prompts = [prompt for _, _, prompt in pairs]
+            nll = score_answers(self.model, self.tokenizer, prompts * 2, new + true, router).nll
+            for (k, key, _), nll_new, nll_true in zip(pairs, nll[: len(pairs)], nll[len(pairs) :]):
+                new_wins = float(nll_new.mean()) < float(nll_true.mean())
+                per_edit[key][k].append(float(new_wins if key != "neighbourhood_score" else not new_wins))
+        return {key: [_mean_or_none(v) for v in values] for key, values in per_edit.items()}
+
+    def unedited_scores(self, indices: Sequence[int]) -> dict[str, float | None]:
+        return {key: _mean_or_none([v for i in indices if (v := self.unedited[key][i]) is not None])
+                for key in PROBABILITY_KEYS}

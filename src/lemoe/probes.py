@@ -13,6 +13,8 @@ from typing import Any
 
 # where the edit must hold
 REPHRASE = "rephrase"
+# the edit asked as a question, which `chat_gen` sends through the chat template (else the first rephrase)
+QUESTION = "question"
 PORTABILITY_KINDS = ("subject_aliasing", "reasoning", "logical_generalization", "one_hop")
 # where it must not: unrelated text, same relation with another subject, another relation of the
 # same subject, and a neighbour asked right after the edited fact is stated
@@ -20,7 +22,7 @@ LOCALITY_KINDS = ("unrelated", "neighbour", "same_subject", "distracting")
 # free continuations, for fluency
 GENERATION = "generation"
 
-KINDS = (REPHRASE, *PORTABILITY_KINDS, *LOCALITY_KINDS, GENERATION)
+KINDS = (REPHRASE, QUESTION, *PORTABILITY_KINDS, *LOCALITY_KINDS, GENERATION)
 
 
 class ProbeError(ValueError):
