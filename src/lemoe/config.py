@@ -11,10 +11,10 @@ from typing import Any, Literal
 logger = logging.getLogger("lemoe")
 
 ExpertKind = Literal["ffn", "lora"]
-Pooling = Literal["mean", "last"]
+Pooling = Literal["content", "mean", "last"]
 
 _EXPERT_KINDS = ("ffn", "lora")
-_POOLINGS = ("mean", "last")
+_POOLINGS = ("content", "mean", "last")
 
 
 @dataclass
@@ -52,7 +52,10 @@ class LEMoEConfig:
                   "about and less of how it is phrased (docs/routing.md)"},
     )
     pooling: Pooling = field(
-        default="mean", metadata={"help": "how a prompt becomes one vector: mean of its tokens, or its last token"}
+        default="content",
+        metadata={"help": "how a prompt becomes one vector: 'content', the mean of its content tokens (no chat-"
+                  "template, special or first token: lemoe.content); 'mean', of all its tokens (adapters made "
+                  "before lemoe 0.5 keep it); 'last', its last token"},
     )
     value_statistics: Literal["frozen", "refit"] = field(
         default="frozen",
@@ -80,6 +83,12 @@ class LEMoEConfig:
     min_steps: int = field(default=2, metadata={"help": "steps taken even if every target token is already the argmax"})
     early_stop: bool = field(default=True, metadata={"help": "stop once every target token is the argmax"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    continuation_tokens: int = field(
+        default=0,
+        metadata={"help": "train each edit on this many tokens after its target as well: the unedited model's "
+                  "own greedy continuation of prompt + target, so an expert stops after the answer instead "
+                  "of running into another fact of its batch (0 = off)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 
     def __post_init__(self) -> None:
@@ -99,6 +108,9 @@ class LEMoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.continuation_tokens, int) or isinstance(self.continuation_tokens, bool) \
+                or self.continuation_tokens < 0:
+            raise ValueError(f"continuation_tokens must be an int >= 0, got {self.continuation_tokens!r}")
         if not isinstance(self.min_steps, int) or self.min_steps < 0 or self.min_steps > self.max_steps:
             raise ValueError(f"min_steps must be an int in [0, max_steps={self.max_steps}], got {self.min_steps!r}")
         for name in ("lr", "lora_alpha"):

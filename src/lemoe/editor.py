@@ -17,7 +17,9 @@ from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
 from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch, prompt_inputs
-from .layer import LEMoELayer, install_route_tap
+from .content import ContentTokens
+from .layer import LEMoELayer, install_route_tap, install_token_tap
+from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
 from .router import AnchorFit, Route
@@ -84,11 +86,12 @@ def checked_records(records: Sequence[EditRecord], method: str = "edit") -> list
     return records
 
 
-def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int) -> TeacherForcedBatch:
+def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int,
+                 continuations: Sequence[Sequence[int]] | None = None) -> TeacherForcedBatch:
     """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt."""
     labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
     return encode_pairs(tokenizer, [r.prompt for r in records], [r.target for r in records], max_context(model),
-                        labels)
+                        labels, continuations)
 
 
 class LifelongEditor:
@@ -126,6 +129,9 @@ class LifelongEditor:
         self.sequence_routing = SequenceRouting(model, self._route_generate_prompts)
         self.adaptor.sequence = self.sequence_routing
         self._hooks = [install_route_tap(self.route_ffn, self.adaptor)] if self.route_layer_idx < self.layer_idx else []
+        if self.config.pooling == "content":
+            self.adaptor.content = ContentTokens(tokenizer)
+            self._hooks.append(install_token_tap(model.get_input_embeddings(), self.adaptor))
         self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._negatives: torch.Tensor | None = None
@@ -157,11 +163,13 @@ class LifelongEditor:
         self._check_attached()
         records = checked_records(records)
         started = time.perf_counter()
-        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits)).to(self.input_device)
+        continuations = self._continuations(records) if self.config.continuation_tokens else None
+        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing vectors
         layer_input, route_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
                                                         self.route_ffn, batch)
-        pooled = self.adaptor.router.pool(route_input, batch.prompt_mask).to(self.device)  # (B, d)
+        pooled = self.adaptor.router.pool(route_input, self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)
+                                          ).to(self.device)  # (B, d)
         negatives = self._negative_vectors()
         router = self.adaptor.router
         first = self.num_experts == 0
@@ -232,6 +240,15 @@ class LifelongEditor:
                 )
         return len(self.edits)
 
+    def _continuations(self, records: Sequence[EditRecord]) -> list[list[int]]:
+        """What the unedited model says after each prompt + target (greedy): the expert learns to hand
+        the text back to it once the answer is given."""
+        encoded = encode_edits(self.tokenizer, self.model, list(records), len(self.edits))
+        sequences = [ids[: int(mask.sum())].tolist() for ids, mask in zip(encoded.input_ids, encoded.attention_mask)]
+        with self.disabled():
+            return greedy_from_ids(self.model, self.tokenizer, sequences,
+                                   [self.config.continuation_tokens] * len(sequences))
+
     def _negative_vectors(self) -> torch.Tensor:
         if self._negatives is None:
             self._negatives = self.pooled_prompts(builtin_negatives())
@@ -248,7 +265,8 @@ class LifelongEditor:
         for start in range(0, len(prompts), batch_size):
             batch = prompt_batch(self.tokenizer, prompts[start : start + batch_size]).to(self.input_device)
             states = capture_route_inputs(self.model, self.route_ffn, batch)
-            vectors.append(self.adaptor.router.pool(states, batch.attention_mask).to(self.device))
+            mask = self.adaptor.routing_mask(batch.attention_mask, batch.input_ids)
+            vectors.append(self.adaptor.router.pool(states, mask).to(self.device))
         return torch.cat(vectors, dim=0)
 
     @torch.no_grad()
@@ -258,7 +276,7 @@ class LifelongEditor:
             return None
         inputs = prompt_inputs(input_ids.to(self.input_device), attention_mask.to(self.input_device))
         states = capture_route_inputs(self.model, self.route_ffn, inputs)
-        return self.adaptor.route_prompts(states, inputs.attention_mask)
+        return self.adaptor.route_prompts(states, inputs.attention_mask, inputs.input_ids)
 
     def route(self, prompts: Sequence[str]) -> list[int | None]:
         """The expert each prompt is routed to, or None where every expert defers."""

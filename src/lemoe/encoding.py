@@ -19,9 +19,15 @@ class TeacherForcedBatch:
     rows: torch.Tensor  # (N,) row of each answer token
     positions: torch.Tensor  # (N,) logit position that predicts it (its index - 1)
     targets: torch.Tensor  # (N,) the answer token id
+    follows: torch.Tensor | None = None  # (N,) True where the token follows the answer (see encode_pairs)
 
     def to(self, device: torch.device | str) -> "TeacherForcedBatch":
-        return TeacherForcedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        moved = [getattr(self, f) for f in self.__dataclass_fields__]
+        return TeacherForcedBatch(*(t.to(device) if t is not None else None for t in moved))
+
+    def answer_only(self) -> torch.Tensor:
+        """(N,) True on the answer's own tokens (not on what follows them)."""
+        return ~self.follows if self.follows is not None else torch.ones_like(self.targets, dtype=torch.bool)
 
     @property
     def size(self) -> int:
@@ -54,10 +60,15 @@ def encode_pairs(
     answers: Sequence[str],
     context_limit: int | None = None,
     labels: Sequence[str] | None = None,
+    continuations: Sequence[Sequence[int]] | None = None,
 ) -> TeacherForcedBatch:
-    """Build a batch; a pair that is empty or too long for the model raises ValueError naming it."""
+    """Build a batch; a pair that is empty or too long for the model raises ValueError naming it.
+
+    `continuations` (token ids per pair) are appended after the answers as further targets, marked in
+    `follows`; they are cut to the model's context rather than refused."""
     sequences: list[list[int]] = []
     prompt_lengths: list[int] = []
+    answer_ends: list[int] = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         label = labels[i] if labels else f"pair {i} (prompt {prompt[:60]!r})"
         prompt_ids = list(tokenizer(prompt)["input_ids"])
@@ -71,15 +82,19 @@ def encode_pairs(
                 f"{label}: prompt + target is {len(prompt_ids) + len(answer_ids)} tokens, "
                 f"longer than the model's context of {context_limit}"
             )
-        sequences.append(prompt_ids + answer_ids)
+        following = list(continuations[i]) if continuations is not None else []
+        if context_limit is not None:
+            following = following[: max(0, context_limit - len(prompt_ids) - len(answer_ids))]
+        sequences.append(prompt_ids + answer_ids + following)
         prompt_lengths.append(len(prompt_ids))
+        answer_ends.append(len(prompt_ids) + len(answer_ids))
     length = max(len(s) for s in sequences)
     batch = len(sequences)
     input_ids = torch.full((batch, length), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros(batch, length, dtype=torch.long)
     prompt_mask = torch.zeros(batch, length, dtype=torch.long)
-    rows, positions, targets = [], [], []
-    for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+    rows, positions, targets, follows = [], [], [], []
+    for row, (seq, plen, end) in enumerate(zip(sequences, prompt_lengths, answer_ends)):
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
         prompt_mask[row, :plen] = 1
@@ -87,8 +102,10 @@ def encode_pairs(
             rows.append(row)
             positions.append(pos - 1)
             targets.append(seq[pos])
+            follows.append(pos >= end)
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return TeacherForcedBatch(input_ids, attention_mask, prompt_mask, as_long(rows), as_long(positions), as_long(targets))
+    return TeacherForcedBatch(input_ids, attention_mask, prompt_mask, as_long(rows), as_long(positions),
+                              as_long(targets), torch.tensor(follows, dtype=torch.bool) if continuations else None)
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:

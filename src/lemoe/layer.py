@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import LEMoEConfig
+from .content import ContentTokens
 from .models import FFNLayout
 from .router import KVAnchorRouter, Route
 from .sequence_routing import SequenceRouting
@@ -70,6 +71,7 @@ class RoutingState:
     forced: torch.Tensor | None = None  # (B,) expert per sequence: training a new expert
     prompt_mask: torch.Tensor | None = None  # (B, T) explicit prompt positions: teacher-forced scoring
     route_input: torch.Tensor | None = None  # (B, T, d) FFN input of the route layer, this call (route tap)
+    token_ids: torch.Tensor | None = None  # (B, T) input ids of this call (token tap), for content masks
 
 
 class LEMoELayer(nn.Module):
@@ -87,6 +89,7 @@ class LEMoELayer(nn.Module):
         self.routes_elsewhere = False  # True when a route tap on a lower layer supplies the routing states
         self.routing = RoutingState()
         self.sequence: SequenceRouting | None = None  # set by the editor: decisions across a sequence's calls
+        self.content: ContentTokens | None = None  # set by the editor for pooling 'content'
         device = next(base_layer.parameters()).device
         self.router.to(device)
 
@@ -152,6 +155,14 @@ class LEMoELayer(nn.Module):
             )
         return states
 
+    def routing_mask(self, mask: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions routing pools over: `mask` narrowed to content tokens (pooling 'content'), from
+        `token_ids` or the ids the token tap saw in this call; `mask` itself when they are unknown."""
+        ids = token_ids if token_ids is not None else self.routing.token_ids
+        if self.content is None or ids is None or ids.shape != mask.shape:
+            return mask
+        return self.content.mask(ids, mask).to(mask.device)
+
     def _route_for(self, x: torch.Tensor) -> Route:
         state = self.routing
         batch, length = x.shape[:2]
@@ -161,7 +172,7 @@ class LEMoELayer(nn.Module):
             return Route(experts, torch.ones(batch, 1, device=x.device))
         states = self._routing_states(x)
         if state.prompt_mask is not None:
-            return self.route(self.router.pool(states, state.prompt_mask))
+            return self.route(self.router.pool(states, self.routing_mask(state.prompt_mask)))
         sequence = self.sequence
         reuse = sequence.reusable(batch) if sequence is not None else None
         if reuse is not None:
@@ -169,7 +180,7 @@ class LEMoELayer(nn.Module):
         mask = sequence.call_mask(batch, length) if sequence is not None else None
         if mask is None:
             mask = torch.ones(batch, length, device=states.device)
-        route = self.route(self.router.pool(states, mask))
+        route = self.route(self.router.pool(states, self.routing_mask(mask)))
         if sequence is not None:
             sequence.remember(route)
         return route
@@ -183,12 +194,13 @@ class LEMoELayer(nn.Module):
         return route
 
     @torch.no_grad()
-    def route_prompts(self, states: torch.Tensor, mask: torch.Tensor) -> Route | None:
-        """The decision for whole prompts ((B, T, d) route-layer states, (B, T) mask), taken at `generate`
-        entry; None when nothing can fire."""
+    def route_prompts(self, states: torch.Tensor, mask: torch.Tensor, token_ids: torch.Tensor | None = None
+                      ) -> Route | None:
+        """The decision for whole prompts ((B, T, d) route-layer states, (B, T) mask and ids), taken at
+        `generate` entry; None when nothing can fire."""
         if self.disabled or self.num_experts == 0:
             return None
-        return self.route(self.router.pool(states, mask))
+        return self.route(self.router.pool(states, self.routing_mask(mask, token_ids)))
 
     # ------------------------------------------------------------------ forward
 
@@ -198,6 +210,7 @@ class LEMoELayer(nn.Module):
             self.routing.route_input = None
             return base_out
         route = self._route_for(x)
+        self.routing.token_ids = None  # this call's ids are used; a later call brings its own
         out = base_out
         for expert_id in torch.unique(route.experts[route.experts >= 0]).tolist():
             rows, slots = (route.experts == expert_id).nonzero(as_tuple=True)
@@ -205,6 +218,16 @@ class LEMoELayer(nn.Module):
             contribution = contribution * route.gates[rows, slots].view(-1, 1, 1)
             out = out.index_add(0, rows, contribution.to(out.dtype))
         return out
+
+
+def install_token_tap(embedding: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on the input embedding that hands each call's token ids to the adaptor (content masks)."""
+
+    def tap(module: nn.Module, args: tuple[Any, ...]) -> None:
+        ids = args[0] if args else None
+        layer.routing.token_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    return embedding.register_forward_pre_hook(tap)
 
 
 def install_route_tap(route_ffn: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:

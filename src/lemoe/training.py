@@ -175,25 +175,37 @@ def optimise(
 ) -> TrainResult:
     """AdamW on `params` against the answer tokens' NLL (+ `extra_loss()`), layers L..N only.
 
-    Stops early once every answer token is the argmax (after `min_steps`). `after_step` runs
-    after each update (a projection or a gradient mask, for methods that need one).
+    Where the batch has tokens after the answers (`batch.follows`), those are held to the model's
+    own distribution at the first step (KL), which is the unedited model's when `params` start as a
+    zero function (a new expert does). Stops early once every answer token is the argmax (after
+    `min_steps`). `after_step` runs after each update (a projection or a gradient mask, for methods
+    that need one).
     """
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps, loss_value = 0, float("nan")
     correct = torch.zeros(0, dtype=torch.bool)
+    follows = batch.follows if batch.follows is not None and bool(batch.follows.any()) else None
+    reference: torch.Tensor | None = None  # log-probs after the answer at step 0
     try:
         with _eval_mode(model), replay_below(layers, layer_idx, layer_input), (context or nullcontext()):
             while True:
                 logits = answer_logits(model, batch)  # (N, V)
                 targets = batch.targets.to(logits.device)
-                loss = F.cross_entropy(logits, targets)
+                if follows is None:
+                    loss = F.cross_entropy(logits, targets)
+                else:  # the answer's NLL, and on what follows it, KL to the model before this optimisation
+                    if reference is None:
+                        reference = torch.log_softmax(logits[follows], dim=-1).detach()  # (M, V)
+                    loss = F.cross_entropy(logits[~follows], targets[~follows]) + F.kl_div(
+                        torch.log_softmax(logits[follows], dim=-1), reference, log_target=True, reduction="batchmean")
                 if extra_loss is not None:
                     loss = loss + extra_loss()
                 correct = logits.argmax(dim=-1) == targets
                 loss_value = float(loss.detach())
-                done = settings.early_stop and bool(correct.all()) and steps >= settings.min_steps
+                answered = bool(correct.all()) if follows is None else bool(correct[~follows].all())
+                done = settings.early_stop and answered and steps >= settings.min_steps
                 if done or steps >= settings.max_steps:
                     break
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # an unchosen expert gets None
@@ -208,5 +220,6 @@ def optimise(
         for param in params:
             param.requires_grad_(False)
             param.grad = None
-    accuracy = per_row_accuracy(correct, batch.rows, batch.size).tolist()
+    answer = batch.answer_only().to(correct.device) if correct.numel() else correct
+    accuracy = per_row_accuracy(correct[answer], batch.rows[answer.to(batch.rows.device)], batch.size).tolist()
     return TrainResult(steps=steps, final_loss=loss_value, token_accuracy=accuracy)

@@ -1,0 +1,323 @@
+"""Routing alone, without training (issue 12): how often rephrases and chat questions reach their own
+edit against how often neighbours, same-subject questions and unrelated prompts are deferred, for
+candidate routing keys, as a curve over the threshold and its area.
+
+    python benchmarks/routing_keys.py --out results/routing_keys.json [--n 150] [--layers 2,3,5,8]
+
+Each pool is a data set's first N development records, routed among their own N edit prompts (one
+anchor per edit, as a stream of N edits would hold). A positive probe succeeds when its own edit is
+the best-scoring anchor and reaches the threshold; a negative succeeds when no anchor reaches it.
+Token states are the FFN inputs of a layer, standardised with statistics from the first 10 edits'
+tokens and lemoe's generic negatives (as the router fixes them at the first edit), unit-normalised.
+
+Keys (q: the query's content tokens; e: the edit prompt's content tokens, S its subject tokens, R the rest):
+- pooled_all: today's key: the mean of all prompt tokens (template and chat tokens included).
+- pooled_content: the mean of content tokens only (no first token, no special or chat-template tokens).
+- subject: mean over s in S of max over q of cos(s, q) (MaxSim, as late-interaction retrieval).
+- relation: MaxSim over R, each token weighted by how unlike every generic-negative token it is.
+- last: cos of the last content tokens.
+- subject&relation / subject&last: both must pass: min of the two scores (one threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, write_json  # noqa: E402
+
+from lemoe.data import read_edits  # noqa: E402
+from lemoe.demo import demo_edits  # noqa: E402
+from lemoe.editor import builtin_negatives  # noqa: E402
+from lemoe.encoding import pad_id, pad_sequences  # noqa: E402
+from lemoe.models import decoder_layers, find_layout, load_model  # noqa: E402
+from lemoe.probe_metrics import chat_question  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POOLS = {  # name: (file, positive kinds, negative kinds)
+    "zsre_mend": ("zsre/zsre_mend_dev.json", ("rephrase", "chat"), ("unrelated",)),
+    "knowedit_zsre": ("zsre/knowedit_zsre_test.json", ("rephrase", "chat"), ("same_subject",)),
+    "counterfact_rome": ("counterfact/counterfact_rome_format_dev.json", ("rephrase",), ("neighbour",)),
+    "knowedit_wiki_cf": ("knowedit/knowedit_wiki_counterfact_train.json", ("subject_aliasing",), ("same_subject",)),
+    "demo": (None, ("rephrase", "chat"), ("neighbour", "same_subject")),
+}
+PER_KIND = 3  # probes of one kind per record at most
+
+
+class Tokens:
+    """One text's token ids, its content positions and its subject positions."""
+
+    def __init__(self, ids: list[int], content: list[int], subject: list[int]) -> None:
+        self.ids, self.content, self.subject = ids, content, subject
+        self.states: dict[int, torch.Tensor] = {}  # layer -> (T, d)
+
+
+def chat_skeleton(tok: Any) -> tuple[list[int], list[int]] | None:
+    """The chat template's fixed prefix and suffix around a user message (None without a template)."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    marker = "Zq"
+    ids = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    inner = tok(marker, add_special_tokens=False)["input_ids"]
+    for start in range(len(ids) - len(inner) + 1):
+        if ids[start : start + len(inner)] == inner:
+            return ids[:start], ids[start + len(inner) :]
+    return None
+
+
+SINK: list[int] = []  # --sink: a token put before every text, so its first word is not the attention sink
+
+
+SPACE: list[str] = []  # --space: " " before every text, so a first word gets the token it has mid-sentence
+
+
+def plain(tok: Any, text: str, subject: str | None) -> Tokens:
+    text = (SPACE[0] + text.lstrip()) if SPACE else text
+    enc = tok(text, return_offsets_mapping=True)
+    ids, offsets = SINK + list(enc["input_ids"]), [(0, 0)] * len(SINK) + list(enc["offset_mapping"])
+    special = set(tok.all_special_ids)
+    content = [i for i, t in enumerate(ids) if i > 0 and t not in special]
+    span = _span(text, subject)
+    subj = [i for i in content if span and offsets[i][0] < span[1] and offsets[i][1] > span[0]]
+    return Tokens(ids, content, subj)
+
+
+def chatted(tok: Any, text: str, skeleton: tuple[list[int], list[int]]) -> Tokens:
+    prefix, suffix = skeleton
+    inner = tok((SPACE[0] + text.lstrip()) if SPACE else text, add_special_tokens=False)["input_ids"]
+    ids = SINK + prefix + list(inner) + suffix
+    start = len(SINK) + len(prefix)
+    return Tokens(ids, list(range(start, start + len(inner))), [])
+
+
+def _span(text: str, subject: str | None) -> tuple[int, int] | None:
+    if not subject:
+        return None
+    at = text.find(subject)
+    if at < 0:
+        at = text.lower().find(subject.lower())
+    return (at, at + len(subject)) if at >= 0 else None
+
+
+@torch.no_grad()
+def fill_states(model: Any, tok: Any, items: list[Tokens], layers: list[int], batch_size: int = 32) -> None:
+    ffns = [getattr(decoder_layers(model)[i], find_layout(model).mlp_attr) for i in layers]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        ids, mask = pad_sequences([t.ids for t in chunk], pad_id(tok), left_pad=False)
+        grabbed: dict[int, torch.Tensor] = {}
+        hooks = [ffn.register_forward_pre_hook(lambda m, a, layer=layer: grabbed.__setitem__(layer, a[0].detach()))
+                 for layer, ffn in zip(layers, ffns)]
+        try:
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        for row, item in enumerate(chunk):
+            for layer in layers:
+                item.states[layer] = grabbed[layer][row, : len(item.ids)].float()
+
+
+def units(states: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    return F.normalize((states - mu) / sd, dim=-1)
+
+
+def build_pool(tok: Any, records: list[Any], positives: tuple[str, ...], negatives: tuple[str, ...],
+               skeleton: Any) -> dict[str, Any]:
+    edits = [plain(tok, r.prompt, r.subject) for r in records]
+    probes: dict[str, list[tuple[int, Tokens]]] = {}
+    for kind in (*positives, *negatives):
+        found = []
+        for i, r in enumerate(records):
+            if kind == "chat":
+                if skeleton is not None:
+                    found.append((i, chatted(tok, chat_question(r), skeleton)))
+                continue
+            for p in r.probes_of(kind)[:PER_KIND]:
+                found.append((i, plain(tok, p.prompt, None)))
+        if found:
+            probes[kind] = found
+    subject_found = sum(bool(e.subject) for e in edits) / len(edits)
+    return {"edits": edits, "probes": probes, "positives": [k for k in positives if k in probes],
+            "negatives": [k for k in negatives if k in probes], "subject_located": subject_found}
+
+
+def score_matrix(key: str, queries: list[Tokens], edits: list[Tokens], layer: int, stats: Any,
+                 weight_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(Q, E) score of every query against every edit."""
+    mu, sd, pooled_mu, pooled_sd = stats
+    if key.startswith("pooled"):
+        def vec(t: Tokens) -> torch.Tensor:
+            rows = t.states[layer] if key == "pooled_all" else t.states[layer][t.content]
+            return rows.mean(0)
+        q = F.normalize((torch.stack([vec(t) for t in queries]) - pooled_mu) / pooled_sd, dim=-1)
+        e = F.normalize((torch.stack([vec(t) for t in edits]) - pooled_mu) / pooled_sd, dim=-1)
+        return q @ e.T
+    if key == "last":
+        q = torch.stack([units(t.states[layer][t.content[-1]], mu, sd) for t in queries])
+        e = torch.stack([units(t.states[layer][t.content[-1]], mu, sd) for t in edits])
+        return q @ e.T
+    if "&" in key:
+        a, b = key.split("&")
+        return torch.minimum(score_matrix(a, queries, edits, layer, stats, weight_of),
+                             score_matrix(b, queries, edits, layer, stats, weight_of))
+    out = torch.zeros(len(queries), len(edits))
+    q_units = [units(t.states[layer][t.content], mu, sd) for t in queries]
+    for j, e in enumerate(edits):
+        if key == "subject":
+            positions = e.subject or e.content
+        else:  # relation
+            positions = [p for p in e.content if p not in e.subject] or e.content
+        keys = units(e.states[layer][positions], mu, sd)  # (k, d)
+        w = weight_of(keys) if key == "relation" else torch.ones(len(positions))
+        for i, q in enumerate(q_units):
+            best = (keys @ q.T).amax(dim=1)  # (k,)
+            out[i, j] = float((best * w).sum() / w.sum().clamp(min=1e-6))
+    return out
+
+
+def curve(pos_best: torch.Tensor, pos_home: torch.Tensor, neg_best: torch.Tensor) -> dict[str, Any]:
+    """Over thresholds: share of positives routed home, share of negatives deferred; the area under it."""
+    grid = torch.linspace(-0.2, 1.0, 121)
+    routed = [float(((pos_best >= t) & pos_home).float().mean()) for t in grid]
+    deferred = [float((neg_best < t).float().mean()) for t in grid]
+    area = 0.0
+    points = sorted(zip(deferred, routed))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        area += (x1 - x0) * (y0 + y1) / 2
+    best = max(range(len(grid)), key=lambda k: min(routed[k], deferred[k]))
+    return {"area": area, "balanced": min(routed[best], deferred[best]), "threshold": float(grid[best]),
+            "routed_at_balance": routed[best], "deferred_at_balance": deferred[best],
+            "home_ceiling": float(pos_home.float().mean())}
+
+
+def two_stage(subject: dict[str, torch.Tensor], relation: dict[str, torch.Tensor], pool: dict[str, Any]
+              ) -> dict[str, Any]:
+    """An edit fires when its subject score and its relation score both reach their thresholds; among the
+    edits that fire, the best relation score wins. Over a grid of both thresholds, per (positive, negative)
+    pair: the best balanced point, min(routed home, deferred)."""
+    grid_s, grid_r = torch.linspace(0.0, 1.0, 41), torch.linspace(-0.2, 1.0, 49)
+    out: dict[str, Any] = {}
+    outcome: dict[str, torch.Tensor] = {}
+    for kind, probes in pool["probes"].items():
+        s, r = subject[kind], relation[kind]  # (Q, E)
+        own = torch.tensor([i for i, _ in probes])
+        fires = (s[None, None] >= grid_s[:, None, None, None]) & (r[None, None] >= grid_r[None, :, None, None])
+        ranked = torch.where(fires, r[None, None].expand_as(fires), torch.full_like(fires, -9.0, dtype=r.dtype))
+        best, arg = ranked.max(dim=-1)  # (S, R, Q)
+        any_fires = best > -9.0
+        if kind in pool["positives"]:
+            outcome[kind] = (any_fires & (arg == own)).float().mean(-1)  # (S, R) routed home
+        else:
+            outcome[kind] = (~any_fires).float().mean(-1)  # (S, R) deferred
+    for pos in pool["positives"]:
+        for neg in pool["negatives"]:
+            balanced = torch.minimum(outcome[pos], outcome[neg])
+            k = int(balanced.argmax())
+            i, j = divmod(k, len(grid_r))
+            out[f"{pos}|{neg}"] = {"balanced": float(balanced.max()), "routed": float(outcome[pos][i, j]),
+                                   "deferred": float(outcome[neg][i, j]), "t_subject": float(grid_s[i]),
+                                   "t_relation": float(grid_r[j])}
+    # one threshold pair for every pair at once: the best worst case over all of them
+    worst = torch.stack([outcome[k] for k in outcome]).amin(0)
+    k = int(worst.argmax())
+    i, j = divmod(k, len(grid_r))
+    out["all"] = {"worst": float(worst.max()), "t_subject": float(grid_s[i]), "t_relation": float(grid_r[j]),
+                  **{kind: float(v[i, j]) for kind, v in outcome.items()}}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/routing_keys.json")
+    parser.add_argument("--n", type=int, default=150)
+    parser.add_argument("--layers", default="2,3,5,8")
+    parser.add_argument("--keys", default="pooled_all,pooled_content,subject,relation,last,subject&relation,"
+                                          "subject&last")
+    parser.add_argument("--pools", default=",".join(POOLS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sink", action="store_true", help="put the end-of-text token before every text")
+    parser.add_argument("--space", action="store_true", help="put a space before every text")
+    parser.add_argument("--two-stage", default="", help="SUBJECT_LAYER:RELATION_KEY@LAYER,... e.g. 1:last@8")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tok = load_model()
+    model.eval()
+    layers = [int(x) for x in args.layers.split(",")]
+    skeleton = chat_skeleton(tok)
+    if args.space:
+        SPACE.append(" ")
+    if args.sink:
+        SINK.append(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    negative_tokens = [plain(tok, text, None) for text in builtin_negatives()]
+    fill_states(model, tok, negative_tokens, layers)
+    result: dict[str, Any] = {**header("routing_keys", args), "threads": args.threads, "n": args.n, "sink": SINK, "space": bool(SPACE),
+                              "layers": layers, "pools": {}}
+    for name in args.pools.split(","):
+        file, positives, negatives = POOLS[name]
+        records = demo_edits() if file is None else read_edits(SHARED_DATA / file)[: args.n]
+        pool = build_pool(tok, records, positives, negatives, skeleton)
+        everything = pool["edits"] + [t for probes in pool["probes"].values() for _, t in probes]
+        fill_states(model, tok, everything, layers)
+        pool_result: dict[str, Any] = {"records": len(records), "subject_located": pool["subject_located"],
+                                       "probes": {k: len(v) for k, v in pool["probes"].items()}, "keys": {},
+                                       "two_stage": {}}
+        weights: dict[int, Any] = {}
+        all_stats: dict[int, Any] = {}
+        for layer in layers:
+            tokens = torch.cat([t.states[layer][t.content] for t in pool["edits"][:10] + negative_tokens])
+            mu, sd = tokens.mean(0), tokens.std(0).clamp(min=1e-4)
+            pooled = torch.stack([t.states[layer].mean(0) for t in pool["edits"][:10] + negative_tokens])
+            stats = (mu, sd, pooled.mean(0), pooled.std(0).clamp(min=1e-4))
+            generic = torch.cat([units(t.states[layer][t.content], mu, sd) for t in negative_tokens])  # (G, d)
+
+            def weight_of(keys: torch.Tensor) -> torch.Tensor:
+                return (1 - (keys @ generic.T).amax(dim=1)).clamp(min=0)  # distinct from generic text
+
+            for key in args.keys.split(","):
+                scores = {kind: score_matrix(key, [t for _, t in probes], pool["edits"], layer, stats, weight_of)
+                          for kind, probes in pool["probes"].items()}
+                entry: dict[str, Any] = {}
+                for pos in pool["positives"]:
+                    own = torch.tensor([i for i, _ in pool["probes"][pos]])
+                    s = scores[pos]
+                    best, arg = s.max(dim=1)
+                    for neg in pool["negatives"]:
+                        entry[f"{pos}|{neg}"] = curve(best, arg == own, scores[neg].max(dim=1).values)
+                pool_result["keys"][f"{key}@{layer}"] = entry
+            weights[layer] = weight_of
+            all_stats[layer] = stats
+        for spec in filter(None, args.two_stage.split(",")):
+            subject_layer, relation = spec.split(":")
+            relation_key, relation_layer = relation.split("@")
+            matrices = []
+            for key, layer in (("subject", int(subject_layer)), (relation_key, int(relation_layer))):
+                matrices.append({kind: score_matrix(key, [t for _, t in probes], pool["edits"], layer,
+                                                    all_stats[layer], weights[layer])
+                                 for kind, probes in pool["probes"].items()})
+            pool_result["two_stage"][spec] = two_stage(matrices[0], matrices[1], pool)
+        result["pools"][name] = pool_result
+        print(f"{name}: done ({time.perf_counter() - started:.0f}s)", flush=True)
+    result["seconds"] = time.perf_counter() - started
+    write_json(args.out, result)
+    for name, pool_result in result["pools"].items():
+        print(f"\n{name} (subject located {pool_result['subject_located']:.2f}; probes {pool_result['probes']})")
+        for key, entry in pool_result["keys"].items():
+            cells = "  ".join(f"{pair}: auc {c['area']:.3f} bal {c['balanced']:.3f}" for pair, c in entry.items())
+            print(f"  {key:28s} {cells}")
+        for spec, entry in pool_result["two_stage"].items():
+            cells = "  ".join(f"{pair}: bal {c['balanced']:.3f}" for pair, c in entry.items() if pair != "all")
+            print(f"  two-stage {spec:18s} {cells}  | one pair for all: {entry['all']}")
+
+
+if __name__ == "__main__":
+    main()
