@@ -93,6 +93,7 @@ def records(n: int, offset: int = 0) -> list[Any]:
             rephrase=f"Tell me: {relations[i % len(relations)].format(subject).lower()}",
             locality_prompt="the quick brown fox jumps over",
             locality_answer="the lazy dog",
+            subject=subject,
             id=f"r{i}",
         ))
     return out
@@ -106,7 +107,7 @@ def zsre_dev(n: int) -> list[Any]:
 
     rows = json.loads((SHARED_DATA / "zsre" / "zsre_mend_dev.json").read_text())[:n]
     return [EditRecord(prompt=r["src"], target=r["alt"], rephrase=r["rephrase"], locality_prompt=r["loc"],
-                       locality_answer=r["loc_ans"]) for r in rows]
+                       locality_answer=r["loc_ans"], subject=r["subject"]) for r in rows]
 
 
 def tiny_config(**overrides: Any) -> Any:
@@ -121,3 +122,16 @@ def tiny_config(**overrides: Any) -> Any:
 def logits_of(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """Full logits of each text (one at a time: no padding involved)."""
     return torch.cat([model(**tokenizer(t, return_tensors="pt")).logits[0] for t in texts], dim=0)
+
+
+def key_buffers(router: Any) -> dict[str, Any]:
+    """Copies of a router's key buffers (those that grow with the edits), for frozen-key checks."""
+    fixed = {"center", "scale", "stats_fitted", "token_center", "token_scale", "relation_center", "relation_scale"}
+    return {name: buf.clone() for name, buf in router.named_buffers() if name not in fixed}
+
+
+def reject_everything(router: Any) -> None:
+    """Make every expert's acceptance region empty, whichever key the router uses."""
+    for name in ("thresholds", "subject_thresholds"):
+        if hasattr(router, name):
+            getattr(router, name).fill_(2.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import logits_of, make_model, records, tiny_config
+from conftest import key_buffers, logits_of, make_model, records, reject_everything, tiny_config
 from lemoe import LifelongEditor
 from lemoe.layer import LEMoELayer
 
@@ -49,12 +49,13 @@ def test_earlier_experts_stay_bit_identical_and_keep_their_routes(arch, tokenize
         all_records.extend(batch)
         editor.edit(batch)
         snapshots.append({k: v.clone() for k, v in editor.adaptor.experts[batch_index].state_dict().items()})
-    router = editor.adaptor.router
-    anchors_after_first = router.anchors[:2].clone()
+        if batch_index == 0:
+            keys_after_first = key_buffers(editor.adaptor.router)
     for index, snapshot in enumerate(snapshots):
         for name, tensor in editor.adaptor.experts[index].state_dict().items():
             assert torch.equal(tensor, snapshot[name]), f"expert {index} tensor {name} changed"
-    assert torch.equal(router.anchors[:2], anchors_after_first)
+    for name, before in keys_after_first.items():  # keys only grow: the first batch's stay bit-identical
+        assert torch.equal(key_buffers(editor.adaptor.router)[name][: len(before)], before), name
     routes = editor.route([r.prompt for r in all_records])
     assert routes == [i // 2 for i in range(40)]
     assert editor.routing_consistency() == 1.0
@@ -97,7 +98,7 @@ def test_deferred_inputs_get_exactly_the_base_output(arch, tokenizer):
     if editor.route(unrelated) == [None]:
         assert torch.equal(logits_of(model, tokenizer, unrelated), before)
     # force the question: an expert whose region rejects everything must leave every output alone
-    editor.adaptor.router.thresholds.fill_(2.0)
+    reject_everything(editor.adaptor.router)
     assert editor.route([records(1)[0].prompt]) == [None]
     probes = [records(1)[0].prompt] + unrelated
     fresh = make_model(arch)
@@ -187,8 +188,9 @@ def test_beam_search_with_and_without_kv_cache_agree(tokenizer):
 
 
 def test_refit_statistics_moves_values_but_never_the_frozen_anchors(tokenizer):
-    frozen = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2))
-    refit = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2, value_statistics="refit"))
+    frozen = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2, key="pooled"))
+    refit = LifelongEditor(make_model("llama"), tokenizer, tiny_config(max_steps=2, value_statistics="refit",
+                                                                       key="pooled"))
     for editor in (frozen, refit):
         editor.edit(records(3))
         centre, first_anchors = editor.adaptor.router.center.clone(), editor.adaptor.router.anchors.clone()
@@ -208,10 +210,10 @@ def test_routing_from_a_lower_layer(tokenizer):
     from lemoe.metrics import token_accuracy
 
     model = make_model("llama")
-    editor = LifelongEditor(model, tokenizer, tiny_config(layer=2, route_layer=0, max_steps=150))
-    assert editor.route_layer_idx == 0 and editor.adaptor.routes_elsewhere
+    editor = LifelongEditor(model, tokenizer, tiny_config(layer=2, route_layer=1, subject_layer=0, max_steps=150))
+    assert editor.route_layer_idx == 1 and editor.adaptor.tapped_layers == {0, 1}  # relation at 1, subject at 0
     seen: list[torch.Tensor] = []
-    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     pooled = editor.pooled_prompts([PROBES[0]])
     handle.remove()
     ids = tokenizer(PROBES[0])["input_ids"]
@@ -232,7 +234,8 @@ def test_routing_from_a_lower_layer(tokenizer):
         assert torch.equal(model.generate(**ids, use_cache=True, **kwargs),
                            model.generate(**ids, use_cache=False, **kwargs))
     editor.unload()
-    assert not model.model.layers[0].mlp._forward_pre_hooks  # the tap is gone with the adaptor
+    assert not model.model.layers[0].mlp._forward_pre_hooks  # the taps are gone with the adaptor
+    assert not model.model.layers[1].mlp._forward_pre_hooks and not model.model.embed_tokens._forward_pre_hooks
 
 
 def test_route_layer_above_the_adaptor_layer_is_refused(tokenizer):

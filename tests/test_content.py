@@ -80,7 +80,7 @@ def test_content_pooling_routes_a_chat_question_like_its_plain_prompt():
     chat = chat_ids(tok, [{"role": "system", "content": "the fox is quick"}, {"role": "user", "content": prompt}])
     distance = {}
     for pooling in ("content", "mean"):
-        editor = LifelongEditor(model, tok, tiny_config(pooling=pooling, layer=0, route_layer=0))
+        editor = LifelongEditor(model, tok, tiny_config(pooling=pooling, key="pooled", layer=0, route_layer=0))
         try:
             plain = editor.pooled_prompts([prompt])[0]
             from lemoe.encoding import prompt_inputs

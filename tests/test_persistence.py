@@ -178,11 +178,14 @@ def test_newer_format_version_is_refused(tokenizer, tmp_path, monkeypatch):
 
 
 def test_format_1_adapter_routes_from_its_own_layer(tokenizer, tmp_path, monkeypatch):
-    """Format 1 had no route_layer: it routed from the adaptor's layer, and still does after loading."""
-    model, editor = _edited("llama", tokenizer, route_layer=1)
+    """Format 1 had no route_layer: it routed from the adaptor's layer, and still does after loading; nor
+    had it the key, pooling and continuation fields of format 3: it keeps the pooled key over every token."""
+    model, editor = _edited("llama", tokenizer, route_layer=1, key="pooled", pooling="mean")
     expected = logits_of(model, tokenizer, PROBES)
     config = editor.config.to_dict()
-    del config["route_layer"]
+    for name in ("route_layer", "key", "pooling", "continuation_tokens", "subject_layer", "subject_threshold",
+                 "relation_threshold"):
+        del config[name]
     monkeypatch.setattr(persistence, "FORMAT_VERSION", 1)
     state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
                                      layer=1, num_experts=2, edits=editor.edits, lemoe_version="0.1.0",
@@ -192,6 +195,7 @@ def test_format_1_adapter_routes_from_its_own_layer(tokenizer, tmp_path, monkeyp
     fresh = make_model("llama")
     loaded = LifelongEditor.load(fresh, tokenizer, tmp_path)
     assert loaded.route_layer_idx == 1 and loaded.config.route_layer == 1
+    assert (loaded.config.key, loaded.config.pooling, loaded.config.continuation_tokens) == ("pooled", "mean", 0)
     assert torch.equal(logits_of(fresh, tokenizer, PROBES), expected)
 
 

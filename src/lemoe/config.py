@@ -12,6 +12,7 @@ logger = logging.getLogger("lemoe")
 
 ExpertKind = Literal["ffn", "lora"]
 Pooling = Literal["content", "mean", "last"]
+RouteKey = Literal["subject", "pooled"]
 
 _EXPERT_KINDS = ("ffn", "lora")
 _POOLINGS = ("content", "mean", "last")
@@ -45,6 +46,21 @@ class LEMoEConfig:
     top_k: int = field(default=1, metadata={"help": "experts mixed per sequence (gates renormalised over them)"})
 
     # -- KV anchor routing --
+    key: RouteKey = field(
+        default="subject",
+        metadata={"help": "'subject': each edit keys on its subject's tokens (low layer, MaxSim) and on what its "
+                  "prompt asks (last content token at the route layer); both must match (docs/routing.md §6). "
+                  "'pooled': one pooled vector per prompt (adapters made before lemoe 0.5 keep it)"},
+    )
+    subject_layer: int | None = field(
+        default=None,
+        metadata={"help": "decoder layer whose FFN input gives the subject's token states (<= route_layer); "
+                  "None = 1 (0 for one-layer models)"},
+    )
+    subject_threshold: float = field(
+        default=0.7, metadata={"help": "an edit fires only where its subject score (MaxSim cosine) reaches this"})
+    relation_threshold: float = field(
+        default=0.175, metadata={"help": "... and where its relation score (cosine) reaches this"})
     route_layer: int | None = field(
         default=None,
         metadata={"help": "decoder layer whose FFN input the routing value is pooled from (<= layer); None = "
@@ -102,6 +118,16 @@ class LEMoEConfig:
             raise ValueError(f"expert must be one of {_EXPERT_KINDS}, got {self.expert!r}")
         if self.value_statistics not in ("frozen", "refit"):
             raise ValueError(f"value_statistics must be 'frozen' or 'refit', got {self.value_statistics!r}")
+        if self.key not in ("subject", "pooled"):
+            raise ValueError(f"key must be 'subject' or 'pooled', got {self.key!r}")
+        if self.key == "subject" and self.value_statistics == "refit":
+            raise ValueError("value_statistics 'refit' is a diagnosis of the pooled key; use it with key='pooled'")
+        if self.subject_layer is not None and (not isinstance(self.subject_layer, int) or self.subject_layer < 0):
+            raise ValueError(f"subject_layer must be a non-negative int or None, got {self.subject_layer!r}")
+        for name in ("subject_threshold", "relation_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1 <= value <= 1:
+                raise ValueError(f"{name} must be a cosine in [-1, 1], got {value!r}")
         if self.pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
         for name in ("lora_rank", "top_k", "max_steps"):
@@ -166,6 +192,16 @@ class LEMoEConfig:
             return min(round(num_layers / 6), layer)
         _check_route_layer(self.route_layer, layer)
         return self.route_layer
+
+    def resolve_subject_layer(self, num_layers: int) -> int:
+        """The decoder layer whose FFN input gives the subject's token states (never above route_layer)."""
+        route = self.resolve_route_layer(num_layers)
+        layer = min(1, num_layers - 1) if self.subject_layer is None else self.subject_layer
+        if layer > route:
+            if self.subject_layer is None:
+                return route
+            raise ValueError(f"subject_layer ({layer}) must not be above route_layer ({route})")
+        return layer
 
     @staticmethod
     def help_texts() -> dict[str, str]:

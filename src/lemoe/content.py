@@ -90,3 +90,21 @@ def chat_markers(tokenizer: Any) -> tuple[list[int] | None, int | None]:
             end = next((t for t in after if t in special), None)
             return header, end
     return None, None
+
+
+def subject_positions(tokenizer: Any, prompt: str, subject: str | None) -> list[int]:
+    """Positions of the prompt's tokens (as `tokenizer(prompt)` gives them) that overlap the subject's
+    characters; [] when there is no subject, it is not in the prompt, or the tokenizer has no offsets."""
+    if not subject or not subject.strip():
+        return []
+    at = prompt.find(subject)
+    if at < 0:
+        at = prompt.lower().find(subject.lower())
+    if at < 0:
+        return []
+    end = at + len(subject)
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer: no character offsets
+        return []
+    return [i for i, (start, stop) in enumerate(offsets) if start < end and stop > at and stop > start]

@@ -17,14 +17,14 @@ from . import __version__
 from .config import LEMoEConfig
 from .data import DataError, EditRecord
 from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch, prompt_inputs
-from .content import ContentTokens
+from .content import ContentTokens, subject_positions
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
-from .router import AnchorFit, Route
+from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
-from .training import capture_layer_inputs, capture_route_inputs, train_expert
+from .training import capture_ffn_inputs, capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")
 
@@ -115,6 +115,7 @@ class LifelongEditor:
         self.layers = decoder_layers(model, self.layout)
         self.layer_idx = self.config.resolve_layer(len(self.layers))
         self.route_layer_idx = self.config.resolve_route_layer(len(self.layers))
+        self.subject_layer_idx = self.config.resolve_subject_layer(len(self.layers))
         parent = self.layers[self.layer_idx]
         base_ffn = getattr(parent, self.layout.mlp_attr)
         if isinstance(base_ffn, LEMoELayer):
@@ -128,13 +129,17 @@ class LifelongEditor:
         setattr(parent, self.layout.mlp_attr, self.adaptor)
         self.sequence_routing = SequenceRouting(model, self._route_generate_prompts)
         self.adaptor.sequence = self.sequence_routing
-        self._hooks = [install_route_tap(self.route_ffn, self.adaptor)] if self.route_layer_idx < self.layer_idx else []
-        if self.config.pooling == "content":
+        self.adaptor.route_layer_idx = self.route_layer_idx
+        self.adaptor.subject_layer_idx = self.subject_layer_idx if self.config.key == "subject" else self.route_layer_idx
+        self._hooks = [install_route_tap(ffn, index, self.adaptor) for index, ffn in self.route_ffns.items()
+                       if index < self.layer_idx]
+        if self.config.pooling == "content" or self.config.key == "subject":
             self.adaptor.content = ContentTokens(tokenizer)
             self._hooks.append(install_token_tap(model.get_input_embeddings(), self.adaptor))
         self.edits: list[dict[str, Any]] = []  # record fields + batch + expert, in edit order
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._negatives: torch.Tensor | None = None
+        self._negative_query: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self._attached = True
 
     # ------------------------------------------------------------------ properties
@@ -147,6 +152,13 @@ class LifelongEditor:
     def route_ffn(self) -> nn.Module:
         """The FFN module whose input is pooled into routing values (the adaptor itself at layer L)."""
         return getattr(self.layers[self.route_layer_idx], self.layout.mlp_attr)
+
+    @property
+    def route_ffns(self) -> dict[int, nn.Module]:
+        """Every FFN whose input routing reads, by layer index (route layer; subject layer for key 'subject')."""
+        subject = self.adaptor.subject_layer_idx
+        indices = {self.route_layer_idx, self.route_layer_idx if subject is None else subject}
+        return {i: getattr(self.layers[i], self.layout.mlp_attr) for i in sorted(indices)}
 
     @property
     def device(self) -> torch.device:
@@ -165,29 +177,21 @@ class LifelongEditor:
         started = time.perf_counter()
         continuations = self._continuations(records) if self.config.continuation_tokens else None
         batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations).to(self.input_device)
-        # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing vectors
-        layer_input, route_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
-                                                        self.route_ffn, batch)
-        pooled = self.adaptor.router.pool(route_input, self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)
-                                          ).to(self.device)  # (B, d)
-        negatives = self._negative_vectors()
-        router = self.adaptor.router
-        first = self.num_experts == 0
-        if first and not bool(router.stats_fitted):
-            router.fit_statistics(torch.cat([pooled, negatives], dim=0))
-        elif self.config.value_statistics == "refit":  # diagnosis mode: the value function keeps moving
-            router.fit_statistics(torch.cat([router.anchor_pooled, pooled, negatives], dim=0))
-        # 2. a new zero expert, then its key (frozen anchors) and acceptance region
+        # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing states
+        layer_input, states = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
+                                                   self.route_ffns, batch)
+        mask = self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)
+        # 2. a new zero expert, then its key (frozen) and acceptance region
         expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
         try:
-            anchor = router.add_expert_key(pooled, negatives)
+            anchor = self._add_key(expert_id, records, batch, states, mask)
             # 3. the expert itself, on layers L..N only
             result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
                                   layer_input, self.config)
         except BaseException:
             self.adaptor.truncate(expert_id)  # an interrupted batch leaves no half-made expert behind
             raise
-        routed = self.adaptor.route(pooled).top1()
+        routed = self.adaptor.decide(states, mask).top1()
         batch_index = expert_id
         for record in records:
             self.edits.append({**record.to_dict(probes=False), "batch": batch_index, "expert": expert_id})
@@ -249,6 +253,51 @@ class LifelongEditor:
             return greedy_from_ids(self.model, self.tokenizer, sequences,
                                    [self.config.continuation_tokens] * len(sequences))
 
+    def _add_key(self, expert_id: int, records: Sequence[EditRecord], batch: TeacherForcedBatch,
+                 states: dict[int, torch.Tensor], mask: torch.Tensor) -> AnchorFit:
+        """Freeze the new expert's key; the first batch also fixes the value statistics."""
+        router = self.adaptor.router
+        first = not bool(router.stats_fitted)
+        if isinstance(router, KVAnchorRouter):
+            pooled = router.pool(states[self.route_layer_idx], mask).to(self.device)  # (B, d)
+            negatives = self._negative_vectors()
+            if first:
+                router.fit_statistics(torch.cat([pooled, negatives], dim=0))
+            elif self.config.value_statistics == "refit":  # diagnosis mode: the value function keeps moving
+                router.fit_statistics(torch.cat([router.anchor_pooled, pooled, negatives], dim=0))
+            return router.add_expert_key(pooled, negatives)
+        tokens, relations = self._queries(states, mask)
+        negative_tokens, negative_relations = self._negative_queries()
+        if first:
+            router.fit_statistics(torch.cat([*tokens, *negative_tokens]), torch.cat([relations, negative_relations]))
+        subject_tokens = []
+        for row, record in enumerate(records):
+            positions = subject_positions(self.tokenizer, record.prompt, record.subject)
+            content = mask[row].nonzero().flatten().tolist()
+            chosen = [p for p in positions if p in content] if positions else []
+            subject_tokens.append(states[self.subject_layer_idx][row, chosen or content])
+            if not chosen:
+                logger.info("edit %r: subject %r not found in the prompt; keying on every content token",
+                            record.prompt[:60], record.subject)
+        return router.add_expert_key(expert_id, subject_tokens, relations, negative_tokens, negative_relations)
+
+    def _queries(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per row: the subject layer's content-token states (m, d) and the route layer's last content state."""
+        tokens, relations = [], []
+        for row in range(mask.shape[0]):
+            positions = mask[row].nonzero().flatten()
+            tokens.append(states[self.subject_layer_idx][row, positions].to(self.device))
+            relations.append(states[self.route_layer_idx][row, positions[-1]].to(self.device))
+        return tokens, torch.stack(relations)
+
+    def _negative_queries(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self._negative_query is None:
+            batch = prompt_batch(self.tokenizer, builtin_negatives()).to(self.input_device)
+            states = capture_ffn_inputs(self.model, self.route_ffns, batch)
+            self._negative_query = self._queries(states, self.adaptor.routing_mask(batch.attention_mask,
+                                                                                   batch.input_ids))
+        return self._negative_query
+
     def _negative_vectors(self) -> torch.Tensor:
         if self._negatives is None:
             self._negatives = self.pooled_prompts(builtin_negatives())
@@ -266,7 +315,7 @@ class LifelongEditor:
             batch = prompt_batch(self.tokenizer, prompts[start : start + batch_size]).to(self.input_device)
             states = capture_route_inputs(self.model, self.route_ffn, batch)
             mask = self.adaptor.routing_mask(batch.attention_mask, batch.input_ids)
-            vectors.append(self.adaptor.router.pool(states, mask).to(self.device))
+            vectors.append(pool_states(states, mask, last=self.config.pooling == "last").to(self.device))
         return torch.cat(vectors, dim=0)
 
     @torch.no_grad()
@@ -275,15 +324,20 @@ class LifelongEditor:
         if self.adaptor.disabled or self.num_experts == 0:
             return None
         inputs = prompt_inputs(input_ids.to(self.input_device), attention_mask.to(self.input_device))
-        states = capture_route_inputs(self.model, self.route_ffn, inputs)
+        states = capture_ffn_inputs(self.model, self.route_ffns, inputs)
         return self.adaptor.route_prompts(states, inputs.attention_mask, inputs.input_ids)
 
-    def route(self, prompts: Sequence[str]) -> list[int | None]:
+    @torch.no_grad()
+    def route(self, prompts: Sequence[str], batch_size: int = 32) -> list[int | None]:
         """The expert each prompt is routed to, or None where every expert defers."""
         self._check_attached()
-        if not prompts:
-            return []
-        return self.adaptor.route(self.pooled_prompts(prompts)).top1()
+        routed: list[int | None] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompt_batch(self.tokenizer, prompts[start : start + batch_size]).to(self.input_device)
+            states = capture_ffn_inputs(self.model, self.route_ffns, batch)
+            routed += self.adaptor.decide(states, self.adaptor.routing_mask(batch.attention_mask,
+                                                                           batch.input_ids)).top1()
+        return routed
 
     def prompt_positions(self, mask: torch.Tensor) -> ContextManager[None]:
         """Inside the block, each row is routed on the positions where `mask` is 1 (scoring prompt + answer)."""
@@ -293,6 +347,8 @@ class LifelongEditor:
         """Share of stored edits whose prompt routes to the expert trained on it, through the current
         value function (with frozen statistics the same values as the anchors themselves)."""
         router = self.adaptor.router
+        if not isinstance(router, KVAnchorRouter):
+            return router.consistency()
         if router.anchors.shape[0] == 0:
             return float("nan")
         routed = self.adaptor.route(router.anchor_pooled).experts[:, 0]
@@ -333,7 +389,7 @@ class LifelongEditor:
                 hook.remove()
             self.sequence_routing.remove()
             self.adaptor.sequence = None
-            self.adaptor.routes_elsewhere = False
+            self.adaptor.tapped_layers.clear()
             self._attached = False
         return self.model
 
@@ -379,7 +435,7 @@ class LifelongEditor:
         for _ in range(state.num_experts):
             self.adaptor.add_expert(self.adaptor.new_expert())
         router = self.adaptor.router
-        for name in ("anchors", "anchor_pooled", "anchor_experts", "thresholds"):
+        for name, _ in list(router.named_buffers()):  # key buffers grow with the edits: take the saved sizes
             key = f"router.{name}"
             if key not in tensors:
                 raise AdapterError(f"adapter tensors lack {key!r}")

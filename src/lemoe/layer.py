@@ -11,7 +11,7 @@ says which calls belong to one sequence.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -21,6 +21,7 @@ from .config import LEMoEConfig
 from .content import ContentTokens
 from .models import FFNLayout
 from .router import KVAnchorRouter, Route
+from .subject_router import SubjectRelationRouter
 from .sequence_routing import SequenceRouting
 
 
@@ -70,7 +71,7 @@ class RoutingState:
 
     forced: torch.Tensor | None = None  # (B,) expert per sequence: training a new expert
     prompt_mask: torch.Tensor | None = None  # (B, T) explicit prompt positions: teacher-forced scoring
-    route_input: torch.Tensor | None = None  # (B, T, d) FFN input of the route layer, this call (route tap)
+    tapped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d) its FFN input, this call
     token_ids: torch.Tensor | None = None  # (B, T) input ids of this call (token tap), for content masks
 
 
@@ -83,10 +84,14 @@ class LEMoELayer(nn.Module):
         self.layout = layout
         self.config = config
         self.hidden_size = hidden_size
-        self.router = KVAnchorRouter(hidden_size, config)
+        self.router: KVAnchorRouter | SubjectRelationRouter = (
+            SubjectRelationRouter(hidden_size, config) if config.key == "subject" else KVAnchorRouter(hidden_size, config))
         self.experts = nn.ModuleList()
         self.disabled = False
-        self.routes_elsewhere = False  # True when a route tap on a lower layer supplies the routing states
+        # the layers whose FFN input routing reads (set by the editor); those below this one come from taps
+        self.route_layer_idx: int | None = None
+        self.subject_layer_idx: int | None = None
+        self.tapped_layers: set[int] = set()
         self.routing = RoutingState()
         self.sequence: SequenceRouting | None = None  # set by the editor: decisions across a sequence's calls
         self.content: ContentTokens | None = None  # set by the editor for pooling 'content'
@@ -137,22 +142,44 @@ class LEMoELayer(nn.Module):
             self.routing.prompt_mask = None
 
     def route(self, pooled: torch.Tensor) -> Route:
+        """The pooled key's decision for (B, d) pooled vectors."""
+        assert isinstance(self.router, KVAnchorRouter)
         return self.router.route(pooled.to(self.router.center.device), self.config.top_k, self.config.deferral)
 
-    def observe_route_input(self, hidden: torch.Tensor) -> None:
-        """Called by the route tap with the FFN input of the route layer (when it is below this one)."""
-        self.routing.route_input = hidden
+    def decide(self, states: dict[int | None, torch.Tensor], mask: torch.Tensor) -> Route:
+        """The decision for whole prompts: `states` maps a layer index to its FFN input (B, T, d), `mask`
+        (B, T) the positions to route on (already narrowed to content tokens)."""
+        route_states = states[self.route_layer_idx]
+        if isinstance(self.router, KVAnchorRouter):
+            return self.route(self.router.pool(route_states, mask))
+        subject_states = states[self.subject_layer_idx]
+        tokens, relations = [], []
+        for row in range(mask.shape[0]):
+            positions = mask[row].nonzero().flatten()
+            if positions.numel() == 0:
+                positions = torch.tensor([mask.shape[1] - 1], device=mask.device)
+            tokens.append(subject_states[row, positions])  # (m, d)
+            relations.append(route_states[row, positions[-1]])  # (d,)
+        return self.router.route(tokens, torch.stack(relations), self.config.top_k, self.config.deferral)
 
-    def _routing_states(self, x: torch.Tensor) -> torch.Tensor:
-        """The states the route is pooled from: the route layer's FFN input of this same call, or x."""
-        if not self.routes_elsewhere:
-            return x
-        states, self.routing.route_input = self.routing.route_input, None
-        if states is None or states.shape[:2] != x.shape[:2]:
-            raise RuntimeError(
-                "LEMoE: the routing states of this call are missing (the route layer's FFN did not run before "
-                "the adaptor's layer); run the whole model rather than the adaptor's layer alone"
-            )
+    def observe(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Called by a tap with the FFN input of a lower layer that routing reads."""
+        self.routing.tapped[layer_idx] = hidden
+
+    def _routing_states(self, x: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """The states routing reads in this call: tapped lower layers' FFN inputs, and x for this layer."""
+        states: dict[int | None, torch.Tensor] = {}
+        for layer_idx in {self.route_layer_idx, self.subject_layer_idx}:
+            if layer_idx not in self.tapped_layers:
+                states[layer_idx] = x
+                continue
+            tapped = self.routing.tapped.pop(layer_idx, None)
+            if tapped is None or tapped.shape[:2] != x.shape[:2]:
+                raise RuntimeError(
+                    "LEMoE: the routing states of this call are missing (a lower layer's FFN did not run before "
+                    "the adaptor's layer); run the whole model rather than the adaptor's layer alone"
+                )
+            states[layer_idx] = tapped
         return states
 
     def routing_mask(self, mask: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,20 +194,20 @@ class LEMoELayer(nn.Module):
         state = self.routing
         batch, length = x.shape[:2]
         if state.forced is not None:
-            state.route_input = None
+            state.tapped.clear()
             experts = state.forced.to(x.device).view(batch, 1)
             return Route(experts, torch.ones(batch, 1, device=x.device))
         states = self._routing_states(x)
         if state.prompt_mask is not None:
-            return self.route(self.router.pool(states, self.routing_mask(state.prompt_mask)))
+            return self.decide(states, self.routing_mask(state.prompt_mask))
         sequence = self.sequence
         reuse = sequence.reusable(batch) if sequence is not None else None
         if reuse is not None:
             return self._existing(reuse.decision)
         mask = sequence.call_mask(batch, length) if sequence is not None else None
         if mask is None:
-            mask = torch.ones(batch, length, device=states.device)
-        route = self.route(self.router.pool(states, self.routing_mask(mask)))
+            mask = torch.ones(batch, length, device=x.device)
+        route = self.decide(states, self.routing_mask(mask))
         if sequence is not None:
             sequence.remember(route)
         return route
@@ -194,20 +221,20 @@ class LEMoELayer(nn.Module):
         return route
 
     @torch.no_grad()
-    def route_prompts(self, states: torch.Tensor, mask: torch.Tensor, token_ids: torch.Tensor | None = None
-                      ) -> Route | None:
-        """The decision for whole prompts ((B, T, d) route-layer states, (B, T) mask and ids), taken at
-        `generate` entry; None when nothing can fire."""
+    def route_prompts(self, states: dict[int | None, torch.Tensor], mask: torch.Tensor,
+                      token_ids: torch.Tensor | None = None) -> Route | None:
+        """The decision for whole prompts (FFN inputs by layer, (B, T) mask and ids), taken at `generate`
+        entry; None when nothing can fire."""
         if self.disabled or self.num_experts == 0:
             return None
-        return self.route(self.router.pool(states, self.routing_mask(mask, token_ids)))
+        return self.decide(states, self.routing_mask(mask, token_ids))
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)  # (B, T, d)
         if self.disabled or self.num_experts == 0:
-            self.routing.route_input = None
+            self.routing.tapped.clear()
             return base_out
         route = self._route_for(x)
         self.routing.token_ids = None  # this call's ids are used; a later call brings its own
@@ -230,11 +257,11 @@ def install_token_tap(embedding: nn.Module, layer: LEMoELayer) -> torch.utils.ho
     return embedding.register_forward_pre_hook(tap)
 
 
-def install_route_tap(route_ffn: nn.Module, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:
-    """A pre-hook on the route layer's FFN that hands its input to the adaptor further up."""
-    layer.routes_elsewhere = True
+def install_route_tap(ffn: nn.Module, layer_idx: int, layer: LEMoELayer) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on a lower layer's FFN that hands its input to the adaptor further up."""
+    layer.tapped_layers.add(layer_idx)
 
     def tap(module: nn.Module, args: tuple[Any, ...]) -> None:
-        layer.observe_route_input(args[0])
+        layer.observe(layer_idx, args[0])
 
-    return route_ffn.register_forward_pre_hook(tap)
+    return ffn.register_forward_pre_hook(tap)

@@ -31,7 +31,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 EDITS_NAME = "edits.jsonl"
 CARD_NAME = "README.md"
 FORMAT_NAME = "lemoe-adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class AdapterError(ValueError):
@@ -150,6 +150,10 @@ def _read_adapter(directory: Path, with_tensors: bool) -> tuple[AdapterState, di
         )
     if version < 2 and isinstance(raw.get("config"), dict) and "route_layer" not in raw["config"]:
         raw["config"]["route_layer"] = raw.get("layer")  # format 1 routed from the adaptor's own layer
+    if version < 3 and isinstance(raw.get("config"), dict) and raw.get("method", "lemoe") == "lemoe":
+        raw["config"].setdefault("key", "pooled")  # formats 1-2 routed on one pooled vector per prompt
+        raw["config"].setdefault("pooling", "mean")
+        raw["config"].setdefault("continuation_tokens", 0)
     state = AdapterState(
         config=raw["config"], base_model=raw["base_model"], fingerprint=raw["fingerprint"], layer=raw["layer"],
         num_experts=raw["num_experts"], edits=raw["edits"], lemoe_version=raw["lemoe_version"], format_version=version,

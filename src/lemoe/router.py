@@ -51,6 +51,19 @@ class AnchorFit:
     negatives_rejected: float
 
 
+def pool_states(hidden: torch.Tensor, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """(B, T, d) states and (B, T) mask -> (B, d): the mean over the masked positions, or the last one."""
+    hidden = hidden.float()
+    mask = mask.to(hidden.device, torch.float32)
+    if last:
+        # last masked position of each row (works for left and right padding)
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        end = torch.where(mask > 0, positions, torch.full_like(positions, -1)).amax(dim=1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), end]
+    summed = torch.einsum("btd,bt->bd", hidden, mask)  # (B, d)
+    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 class KVAnchorRouter(nn.Module):
     def __init__(self, hidden_size: int, config: LEMoEConfig) -> None:
         super().__init__()
@@ -71,15 +84,7 @@ class KVAnchorRouter(nn.Module):
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, d) states and (B, T) prompt mask -> (B, d) pooled prompt vector, in fp32."""
-        hidden = hidden.float()
-        mask = mask.to(hidden.device, torch.float32)
-        if self.config.pooling == "last":
-            # last prompt position of each row (works for left and right padding)
-            positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-            last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).amax(dim=1).clamp(min=0)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        summed = torch.einsum("btd,bt->bd", hidden, mask)  # (B, d)
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return pool_states(hidden, mask, last=self.config.pooling == "last")
 
     def value(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, d) pooled -> (B, d) unit-norm value."""

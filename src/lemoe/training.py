@@ -65,18 +65,18 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: nn.Module, route_ffn: nn.Module,
-    batch: TeacherForcedBatch,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: nn.Module,
+    route_ffns: nn.Module | dict[int, nn.Module], batch: TeacherForcedBatch,
+) -> tuple[torch.Tensor, Any]:
     """One frozen forward pass up to layer L's FFN: the input of decoder layer L (B, T, d), replayed
-    while training, and the FFN input of the route layer (B, T, d), pooled into routing values."""
+    while training, and the FFN input (B, T, d) of the route FFN(s) routing reads: a tensor for one
+    module, a dict by layer index for a dict of modules."""
     captured: dict[str, torch.Tensor] = {}
+    grabbed: dict[int, torch.Tensor] = {}
+    ffns = route_ffns if isinstance(route_ffns, dict) else {0: route_ffns}
 
     def grab_layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    def grab_route_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured["route"] = args[0].detach()
 
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
         raise _StopForward
@@ -87,24 +87,43 @@ def capture_layer_inputs(
     handles = [
         layers[0].register_forward_hook(note_output),
         layers[layer_idx].register_forward_pre_hook(grab_layer_input, with_kwargs=True),
-        route_ffn.register_forward_pre_hook(grab_route_input),
-        adaptor.register_forward_pre_hook(stop),  # after the route grab: the route layer may be this one
+        *_grabbers(ffns, grabbed),
+        adaptor.register_forward_pre_hook(stop),  # after the route grabs: a route layer may be this one
     ]
     _run_until_stop(model, batch, handles)
-    return captured["layer"], captured["route"]
+    return captured["layer"], (grabbed if isinstance(route_ffns, dict) else grabbed[0])
 
 
 @torch.no_grad()
 def capture_route_inputs(model: nn.Module, route_ffn: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
     """The FFN input of the route layer (B, T, d), from a frozen pass that stops right there."""
-    captured: dict[str, torch.Tensor] = {}
+    return capture_ffn_inputs(model, {0: route_ffn}, batch)[0]
 
-    def grab_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured["route"] = args[0].detach()
+
+@torch.no_grad()
+def capture_ffn_inputs(model: nn.Module, ffns: dict[int, nn.Module], batch: TeacherForcedBatch
+                       ) -> dict[int, torch.Tensor]:
+    """The FFN inputs (B, T, d) of several layers (by layer index), from a frozen pass that stops at the
+    highest of them."""
+    grabbed: dict[int, torch.Tensor] = {}
+    top = max(ffns)
+
+    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
         raise _StopForward
 
-    _run_until_stop(model, batch, [route_ffn.register_forward_pre_hook(grab_and_stop)])
-    return captured["route"]
+    handles = [*_grabbers(ffns, grabbed), ffns[top].register_forward_pre_hook(stop)]  # stop after the grabs
+    _run_until_stop(model, batch, handles)
+    return grabbed
+
+
+def _grabbers(ffns: dict[int, nn.Module], grabbed: dict[int, torch.Tensor]) -> list[Any]:
+    """Pre-hooks that keep each FFN's input under its layer index (one module may serve two indices)."""
+    handles = []
+    for index, ffn in ffns.items():
+        def grab(module: nn.Module, args: tuple[Any, ...], index: int = index) -> None:
+            grabbed[index] = args[0].detach()
+        handles.append(ffn.register_forward_pre_hook(grab))
+    return handles
 
 
 def _run_until_stop(model: nn.Module, batch: TeacherForcedBatch, handles: list[Any]) -> None:
