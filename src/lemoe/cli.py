@@ -79,7 +79,8 @@ def _config_from(args: argparse.Namespace) -> Any:
     return LEMoEConfig(**overrides)
 
 
-CONFIG_FLAGS = ("layer", "route_layer", "expert", "lora_rank", "lr", "max_steps", "top_k")
+CONFIG_FLAGS = ("layer", "route_layer", "expert", "lora_rank", "lr", "max_steps", "top_k", "key",
+                "continuation_tokens")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -388,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training steps per batch at most (default: {defaults.max_steps})")
     method.add_argument("--top-k", type=int, default=None,
                         help=f"experts mixed per sequence (default: {defaults.top_k})")
+    method.add_argument("--key", choices=["subject", "pooled"], default=None,
+                        help="routing key: 'subject' (an edit fires where a prompt names its subject and asks its "
+                             "relation) or 'pooled' (one vector per prompt, lemoe 0.4) (default: subject)")
+    method.add_argument("--continuation-tokens", type=int, default=None,
+                        help="also train each edit on this many tokens of the unedited model's own continuation "
+                             f"after its target, so answers do not run into other facts (default: "
+                             f"{defaults.continuation_tokens}, off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", parents=[common, method], help="edit the built-in model with built-in facts",

@@ -73,7 +73,7 @@ class ProbeEvaluator:
     """Generative scores of every probe of `records`; the unedited model's locality continuations and
     leak rate are taken once, at construction (before any edit)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 16) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.records, self.batch_size = model, tokenizer, list(records), batch_size
         self.targets = [encode_answer(tokenizer, r.target) for r in self.records]
         self.unedited_loc = self._locality_continuations(range(len(self.records)))
