@@ -1,6 +1,6 @@
 """lemoe: lifelong editing of causal language models with a Mixture-of-Experts adaptor (LEMoE)."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from .config import LEMoEConfig  # noqa: E402
 from .data import DataError, EditRecord, read_edits  # noqa: E402
