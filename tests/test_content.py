@@ -10,6 +10,8 @@ import torch
 from conftest import make_model, records, tiny_config, tiny_tokenizer
 from lemoe import LEMoEConfig, LifelongEditor
 from lemoe.content import ContentTokens, chat_markers
+from lemoe.encoding import prompt_inputs
+from lemoe.training import capture_route_inputs
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -83,9 +85,6 @@ def test_content_pooling_routes_a_chat_question_like_its_plain_prompt():
         editor = LifelongEditor(model, tok, tiny_config(pooling=pooling, key="pooled", layer=0, route_layer=0))
         try:
             plain = editor.pooled_prompts([prompt])[0]
-            from lemoe.encoding import prompt_inputs
-            from lemoe.training import capture_route_inputs
-
             ids = torch.tensor([chat])
             inputs = prompt_inputs(ids, torch.ones_like(ids))
             states = capture_route_inputs(model, editor.route_ffn, inputs)

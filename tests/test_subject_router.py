@@ -44,7 +44,7 @@ def test_the_best_relation_wins_and_the_newest_of_equals():
     router = _router(relation_threshold=0.1)
     _add(router, 0, [([0], 6)])
     _add(router, 1, [([0], 7)])
-    leaning = F_normalize(E[6] + 0.5 * E[7])
+    leaning = _unit(E[6] + 0.5 * E[7])
     assert router.route([E[[0]]], leaning[None], 1, True).top1() == [0]
     _add(router, 2, [([0], 6)])  # the same fact edited again: the newer expert overrides
     assert router.route([E[[0]]], E[[6]], 1, True).top1() == [2]
@@ -52,7 +52,7 @@ def test_the_best_relation_wins_and_the_newest_of_equals():
     assert two.experts[0].tolist() == [2, 0] and abs(float(two.gates.sum()) - 1) < 1e-6
 
 
-def F_normalize(v: torch.Tensor) -> torch.Tensor:
+def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
 
 

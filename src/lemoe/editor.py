@@ -15,15 +15,16 @@ from torch import nn
 
 from . import __version__
 from .config import LEMoEConfig
+from .content import ContentTokens, subject_positions
 from .data import DataError, EditRecord
 from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch, prompt_inputs
-from .content import ContentTokens, subject_positions
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
+from .subject_router import content_queries
 from .training import capture_ffn_inputs, capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")
@@ -283,12 +284,8 @@ class LifelongEditor:
 
     def _queries(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per row: the subject layer's content-token states (m, d) and the route layer's last content state."""
-        tokens, relations = [], []
-        for row in range(mask.shape[0]):
-            positions = mask[row].nonzero().flatten()
-            tokens.append(states[self.subject_layer_idx][row, positions].to(self.device))
-            relations.append(states[self.route_layer_idx][row, positions[-1]].to(self.device))
-        return tokens, torch.stack(relations)
+        tokens, relations = content_queries(states[self.subject_layer_idx], states[self.route_layer_idx], mask)
+        return [t.to(self.device) for t in tokens], relations.to(self.device)
 
     def _negative_queries(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self._negative_query is None:

@@ -21,8 +21,8 @@ from .config import LEMoEConfig
 from .content import ContentTokens
 from .models import FFNLayout
 from .router import KVAnchorRouter, Route
-from .subject_router import SubjectRelationRouter
 from .sequence_routing import SequenceRouting
+from .subject_router import SubjectRelationRouter, content_queries
 
 
 class LoRAExpert(nn.Module):
@@ -94,7 +94,7 @@ class LEMoELayer(nn.Module):
         self.tapped_layers: set[int] = set()
         self.routing = RoutingState()
         self.sequence: SequenceRouting | None = None  # set by the editor: decisions across a sequence's calls
-        self.content: ContentTokens | None = None  # set by the editor for pooling 'content'
+        self.content: ContentTokens | None = None  # set by the editor for pooling 'content' or key 'subject'
         device = next(base_layer.parameters()).device
         self.router.to(device)
 
@@ -152,15 +152,8 @@ class LEMoELayer(nn.Module):
         route_states = states[self.route_layer_idx]
         if isinstance(self.router, KVAnchorRouter):
             return self.route(self.router.pool(route_states, mask))
-        subject_states = states[self.subject_layer_idx]
-        tokens, relations = [], []
-        for row in range(mask.shape[0]):
-            positions = mask[row].nonzero().flatten()
-            if positions.numel() == 0:
-                positions = torch.tensor([mask.shape[1] - 1], device=mask.device)
-            tokens.append(subject_states[row, positions])  # (m, d)
-            relations.append(route_states[row, positions[-1]])  # (d,)
-        return self.router.route(tokens, torch.stack(relations), self.config.top_k, self.config.deferral)
+        tokens, relations = content_queries(states[self.subject_layer_idx], route_states, mask)
+        return self.router.route(tokens, relations, self.config.top_k, self.config.deferral)
 
     def observe(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Called by a tap with the FFN input of a lower layer that routing reads."""

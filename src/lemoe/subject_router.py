@@ -30,6 +30,20 @@ from .router import GATE_SCALE, AnchorFit, Route
 _RECENCY = 1e-6  # per edit index: the newest of equal scores wins
 
 
+def content_queries(subject_states: torch.Tensor, route_states: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A query per row of (B, T, d) states and a (B, T) content mask: the subject layer's states at the
+    content positions (m, d), and the route layer's state at the last of them, stacked (B, d)."""
+    tokens, relations = [], []
+    for row in range(mask.shape[0]):
+        positions = mask[row].nonzero().flatten()
+        if positions.numel() == 0:  # nothing marked: the row's last position
+            positions = torch.tensor([mask.shape[1] - 1], device=mask.device)
+        tokens.append(subject_states[row, positions])  # (m, d)
+        relations.append(route_states[row, positions[-1]])  # (d,)
+    return tokens, torch.stack(relations)
+
+
 class SubjectRelationRouter(nn.Module):
     def __init__(self, hidden_size: int, config: LEMoEConfig) -> None:
         super().__init__()
