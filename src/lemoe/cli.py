@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .provenance import version_text
 from .data import FORMATS
+from .provenance import version_text
 
 logger = logging.getLogger("lemoe")
 
