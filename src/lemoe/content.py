@@ -26,7 +26,7 @@ class ContentTokens:
     """Computes content masks for one tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+        self.special = special_ids(tokenizer)
         self.user_header, self.user_end = chat_markers(tokenizer)
 
     def mask(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,10 @@ class ContentTokens:
         return None
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    return {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+
+
 def chat_markers(tokenizer: Any) -> tuple[list[int] | None, int | None]:
     """The chat template's user-turn header (token ids from its last special token up to the message)
     and the token that ends a user turn; (None, None) without a template or when they cannot be found."""
@@ -79,7 +83,7 @@ def chat_markers(tokenizer: Any) -> tuple[list[int] | None, int | None]:
         return None, None
     ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
     inner = list(tokenizer(_MARKER, add_special_tokens=False)["input_ids"])
-    special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    special = special_ids(tokenizer)
     for start in range(len(ids) - len(inner) + 1):
         if ids[start : start + len(inner)] == inner:
             before, after = ids[:start], ids[start + len(inner) :]

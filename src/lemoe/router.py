@@ -51,6 +51,22 @@ class AnchorFit:
     negatives_rejected: float
 
 
+def no_route(batch: int, device: torch.device | str) -> Route:
+    """Every row deferred: what a router without experts decides."""
+    return Route(torch.full((batch, 1), -1, dtype=torch.long, device=device), torch.zeros(batch, 1, device=device))
+
+
+def top_k_route(scores: torch.Tensor, top_k: int) -> Route:
+    """(B, N) expert scores, -inf where an expert does not accept the row -> the top-k accepted experts,
+    gates renormalised over them (-1 and gate 0 in slots nothing fills)."""
+    k = min(top_k, scores.shape[1])
+    top_scores, top_experts = scores.topk(k, dim=-1)  # (B, k)
+    fires = torch.isfinite(top_scores)
+    gates = torch.softmax((top_scores * GATE_SCALE).masked_fill(~fires, float("-inf")), dim=-1)
+    gates = torch.nan_to_num(gates, nan=0.0)  # rows where nothing fires
+    return Route(torch.where(fires, top_experts, torch.full_like(top_experts, -1)), gates)
+
+
 def pool_states(hidden: torch.Tensor, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
     """(B, T, d) states and (B, T) mask -> (B, d): the mean over the masked positions, or the last one."""
     hidden = hidden.float()
@@ -100,20 +116,12 @@ class KVAnchorRouter(nn.Module):
         return scores + recency  # (B, N)
 
     def route_values(self, values: torch.Tensor, top_k: int, deferral: bool) -> Route:
-        batch = values.shape[0]
         if self.num_experts == 0:
-            none = torch.full((batch, 1), -1, dtype=torch.long, device=values.device)
-            return Route(none, torch.zeros(batch, 1, device=values.device))
+            return no_route(values.shape[0], values.device)
         scores = self.expert_scores(values)  # (B, N)
         if deferral:
             scores = scores.masked_fill(scores < self.thresholds, float("-inf"))
-        k = min(top_k, self.num_experts)
-        top_scores, top_experts = scores.topk(k, dim=-1)  # (B, k)
-        fires = torch.isfinite(top_scores)
-        gates = torch.softmax((top_scores * GATE_SCALE).masked_fill(~fires, float("-inf")), dim=-1)
-        gates = torch.nan_to_num(gates, nan=0.0)  # rows where nothing fires
-        experts = torch.where(fires, top_experts, torch.full_like(top_experts, -1))
-        return Route(experts, gates)
+        return top_k_route(scores, top_k)
 
     def route(self, pooled: torch.Tensor, top_k: int, deferral: bool) -> Route:
         return self.route_values(self.value(pooled), top_k, deferral)

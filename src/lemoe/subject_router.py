@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LEMoEConfig
-from .router import GATE_SCALE, AnchorFit, Route
+from .router import AnchorFit, Route, no_route, top_k_route
 
 _RECENCY = 1e-6  # per edit index: the newest of equal scores wins
 
@@ -112,7 +112,7 @@ class SubjectRelationRouter(nn.Module):
         batch, device = len(query_tokens), self.subject_tokens.device
         experts = self.num_experts
         if experts == 0:
-            return Route(torch.full((batch, 1), -1, dtype=torch.long, device=device), torch.zeros(batch, 1, device=device))
+            return no_route(batch, device)
         subject, relation = self.scores(query_tokens, query_relations)
         score = relation + torch.arange(self.num_edits, device=device) * _RECENCY  # (B, E)
         if deferral:
@@ -120,11 +120,7 @@ class SubjectRelationRouter(nn.Module):
             score = score.masked_fill(~fires, float("-inf"))
         per_expert = score.new_full((batch, experts), float("-inf"))
         per_expert = per_expert.scatter_reduce(1, self.anchor_experts.expand(batch, -1), score, reduce="amax")
-        k = min(top_k, experts)
-        top, chosen = per_expert.topk(k, dim=-1)  # (B, k)
-        fired = torch.isfinite(top)
-        gates = torch.nan_to_num(torch.softmax((top * GATE_SCALE).masked_fill(~fired, float("-inf")), dim=-1), nan=0.0)
-        return Route(torch.where(fired, chosen, torch.full_like(chosen, -1)), gates)
+        return top_k_route(per_expert, top_k)
 
     # ------------------------------------------------------------------ keys
 
@@ -172,7 +168,8 @@ class SubjectRelationRouter(nn.Module):
         tokens as the query's tokens, their relation state), through today's thresholds."""
         if self.num_edits == 0:
             return float("nan")
-        tokens = [self.subject_tokens[self.subject_owner == e] for e in range(self.num_edits)]
+        counts = torch.bincount(self.subject_owner, minlength=self.num_edits).tolist()
+        tokens = torch.split(self.subject_tokens, counts)  # owners are stored in edit order
         raw_tokens = [t * self.token_scale + self.token_center for t in tokens]  # back to the raw space's direction
         raw_relations = self.relations * self.relation_scale + self.relation_center
         route = self.route(raw_tokens, raw_relations, 1, True)

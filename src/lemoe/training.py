@@ -65,15 +65,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: nn.Module,
-    route_ffns: nn.Module | dict[int, nn.Module], batch: TeacherForcedBatch,
-) -> tuple[torch.Tensor, Any]:
+    model: nn.Module, layers: nn.ModuleList, layer_idx: int, adaptor: nn.Module, ffns: dict[int, nn.Module],
+    batch: TeacherForcedBatch,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One frozen forward pass up to layer L's FFN: the input of decoder layer L (B, T, d), replayed
-    while training, and the FFN input (B, T, d) of the route FFN(s) routing reads: a tensor for one
-    module, a dict by layer index for a dict of modules."""
+    while training, and the input (B, T, d) of each FFN in `ffns` (those routing reads), by the same key."""
     captured: dict[str, torch.Tensor] = {}
     grabbed: dict[int, torch.Tensor] = {}
-    ffns = route_ffns if isinstance(route_ffns, dict) else {0: route_ffns}
 
     def grab_layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
@@ -91,7 +89,7 @@ def capture_layer_inputs(
         adaptor.register_forward_pre_hook(stop),  # after the route grabs: a route layer may be this one
     ]
     _run_until_stop(model, batch, handles)
-    return captured["layer"], (grabbed if isinstance(route_ffns, dict) else grabbed[0])
+    return captured["layer"], grabbed
 
 
 @torch.no_grad()

@@ -210,8 +210,9 @@ class BaselineEditor:
         records = checked_records(records)
         started = time.perf_counter()
         batch = encode_edits(self.tokenizer, self.model, records, len(self.edits)).to(self.input_device)
-        layer_input, ffn_input = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.module,
-                                                      self.module, batch)
+        layer_input, grabbed = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.module,
+                                                    {self.layer_idx: self.module}, batch)
+        ffn_input = grabbed[self.layer_idx]
         result, slot = self.train_batch(records, batch, layer_input, ffn_input)
         slots = slot if isinstance(slot, list) else [slot] * len(records)
         for record, own in zip(records, slots):
