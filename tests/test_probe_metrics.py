@@ -87,6 +87,12 @@ def test_generative_probe_scores_match_an_independent_computation(tokenizer):
     exact = generative_exact_match(model, tokenizer, [r.prompt for r in records], [r.target for r in records])
     assert evaluator.evaluate(range(len(records)), exact_match=exact) == ours
     assert sum(ours["rel_gen"]) == 3  # the edits hold, so the comparison is not vacuous
+    # with the editor as router, deferred probes reuse the unedited continuation: same scores, less decoding
+    decoded_all = evaluator.decoded_last
+    assert evaluator.evaluate(range(len(records)), router=editor) == ours
+    assert 0 < evaluator.decoded_last < decoded_all
+    prompts = [p.prompt for r in records for p in r.all_probes()]
+    assert editor.route_ids([tokenizer(p)["input_ids"] for p in prompts]) == editor.route(prompts)
     assert ours["loc_gen_distracting"] == [None, None, None]
 
 

@@ -212,7 +212,8 @@ def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord
     unedited = evaluator.probability.unedited_scores(order)
     generative: dict[str, float | None] | None = None
     if evaluator.probes is not None:  # every probe kind, by greedy decoding
-        generative_scores = evaluator.probes.evaluate(order, exact_match=final_scores["gen_em"])
+        deferral = editor if isinstance(editor, LifelongEditor) else None  # deferred = unedited, exactly
+        generative_scores = evaluator.probes.evaluate(order, exact_match=final_scores["gen_em"], router=deferral)
         probe_scores.update(generative_scores)
         generative = {**macro_average(generative_scores), "leak_unedited": evaluator.probes.leak_unedited_rate(order)}
         unedited.update(evaluator.probes.unedited_scores(order))

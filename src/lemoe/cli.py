@@ -124,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      ["prompt" if section != "chat question" else "user message", "expected", "before", "after",
                       "pass"]))
     scores = aggregate(evaluator.evaluate(editor, range(len(edits))))
-    generative = macro_average(evaluator.probes.evaluate(range(len(edits)))) if evaluator.probes else {}
+    generative = macro_average(evaluator.probes.evaluate(range(len(edits)), router=editor)) if evaluator.probes else {}
     unedited = evaluator.probes.unedited_scores(range(len(edits))) if evaluator.probes else {}
     print(f"\nProtocol: final (all {len(edits)} edits applied in batches of {args.batch_size}, then evaluated)")
     rows = [

@@ -17,7 +17,8 @@ from . import __version__
 from .config import LEMoEConfig
 from .content import ContentTokens, subject_positions
 from .data import DataError, EditRecord
-from .encoding import TeacherForcedBatch, encode_pairs, max_context, prompt_batch, prompt_inputs
+from .encoding import (TeacherForcedBatch, encode_pairs, max_context, pad_id, pad_sequences, prompt_batch,
+                       prompt_inputs)
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
@@ -334,6 +335,18 @@ class LifelongEditor:
             states = capture_ffn_inputs(self.model, self.route_ffns, batch)
             routed += self.adaptor.decide(states, self.adaptor.routing_mask(batch.attention_mask,
                                                                            batch.input_ids)).top1()
+        return routed
+
+    @torch.no_grad()
+    def route_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> list[int | None]:
+        """The expert each token-id prompt is routed to when given to `generate` (left-padded, decided at
+        entry exactly as generation decides it), or None where every expert defers."""
+        self._check_attached()
+        routed: list[int | None] = []
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id(self.tokenizer), left_pad=True)
+            route = self._route_generate_prompts(ids, mask)
+            routed += route.top1() if route is not None else [None] * len(ids)
         return routed
 
     def prompt_positions(self, mask: torch.Tensor) -> ContextManager[None]:

@@ -106,17 +106,23 @@ def agreement(edited: Sequence[torch.Tensor], unedited: Sequence[torch.Tensor]) 
 @torch.no_grad()
 def greedy_from_ids(model: nn.Module, tokenizer: Any, sequences: Sequence[Sequence[int]], steps: Sequence[int],
                     batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), `steps[i]` tokens each."""
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), `steps[i]` tokens each.
+
+    Batches are formed in order of (steps, length), so that a batch decodes about as many tokens as its
+    rows want and pads little; the results come back in the callers' order."""
     device = model.get_input_embeddings().weight.device
-    results: list[list[int]] = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id(tokenizer), left_pad=True)
-        width, wanted = ids.shape[1], steps[start : start + batch_size]
+    order = sorted(range(len(sequences)), key=lambda i: (steps[i], len(sequences[i])))
+    results: list[list[int]] = [[] for _ in sequences]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = pad_sequences([sequences[i] for i in rows], pad_id(tokenizer), left_pad=True)
+        width, wanted = ids.shape[1], [steps[i] for i in rows]
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted), do_sample=False,
             pad_token_id=pad_id(tokenizer), eos_token_id=None,
         )
-        results.extend(generated[row, width : width + wanted[row]].tolist() for row in range(len(wanted)))
+        for row, i in enumerate(rows):
+            results[i] = generated[row, width : width + wanted[row]].tolist()
     return results
 
 

@@ -28,7 +28,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from torch import nn
 
@@ -61,6 +61,12 @@ def chat_ids(tokenizer: Any, question: str) -> list[int] | None:
     return list(ids)
 
 
+class DeferralRouter(Protocol):
+    """An editor whose deferred inputs get exactly the unedited model's output (lemoe's routed experts)."""
+
+    def route_ids(self, sequences: Sequence[Sequence[int]]) -> list[int | None]: ...
+
+
 @dataclass
 class _Job:
     edit: int
@@ -70,25 +76,39 @@ class _Job:
 
 
 class ProbeEvaluator:
-    """Generative scores of every probe of `records`; the unedited model's locality continuations and
-    leak rate are taken once, at construction (before any edit)."""
+    """Generative scores of every probe of `records`; the unedited model's outputs (every probe's
+    continuation, the leak rate) are taken once, at construction (before any edit).
+
+    Given a `DeferralRouter`, probes that every expert defers are not decoded again: their continuation is
+    the unedited model's by construction (tests/test_probe_metrics.py checks both ways agree). On
+    locality probes, mostly deferred, this halves the cost of a run."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.records, self.batch_size = model, tokenizer, list(records), batch_size
         self.targets = [encode_answer(tokenizer, r.target) for r in self.records]
+        self._unedited_outputs: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (ids, steps) -> tokens
+        self._recording = True  # while the model is unedited, below
+        self.decoded_last = 0  # continuations the last `evaluate` decoded (the rest: deferred, reused)
+        self._router: DeferralRouter | None = None
         self.unedited_loc = self._locality_continuations(range(len(self.records)))
         self.unedited = self._evaluate(range(len(self.records)), None, self.unedited_loc)  # loc_gen_*: 1.0
         self.leak_unedited = dict(enumerate(self.unedited["leak"]))
+        self._recording = False
 
     # ------------------------------------------------------------------ public
 
-    def evaluate(self, indices: Sequence[int], exact_match: Sequence[float] | None = None) -> dict[str, list[Any]]:
+    def evaluate(self, indices: Sequence[int], exact_match: Sequence[float] | None = None,
+                 router: DeferralRouter | None = None) -> dict[str, list[Any]]:
         """Per edit (in `indices` order): every key of GENERATIVE_KEYS, None where a record lacks the probe.
 
         `exact_match`, when the caller has already decoded it for these edits (the bench's `gen_em`,
         `metrics.generative_exact_match`), is `rel_gen`'s definition, so it is taken instead of decoding
-        the prompts again."""
-        return self._evaluate(indices, exact_match, None)
+        the prompts again. `router`: reuse the unedited continuation of every probe it defers."""
+        self._router, self.decoded_last = router, 0
+        try:
+            return self._evaluate(indices, exact_match, None)
+        finally:
+            self._router = None
 
     def _evaluate(self, indices: Sequence[int], exact_match: Sequence[float] | None,
                   locality: dict[int, dict[str, list[list[int]]]] | None) -> dict[str, list[Any]]:
@@ -144,8 +164,25 @@ class ProbeEvaluator:
     # ------------------------------------------------------------------ pieces
 
     def _run(self, jobs: list[_Job]) -> list[list[int]]:
-        return greedy_from_ids(self.model, self.tokenizer, [j.ids for j in jobs], [j.steps for j in jobs],
-                               self.batch_size) if jobs else []
+        """Greedy continuations of the jobs; recorded while the model is unedited, reused where deferred."""
+        if not jobs:
+            return []
+        keys = [(tuple(j.ids), j.steps) for j in jobs]
+        outputs: list[list[int] | None] = [None] * len(jobs)
+        if self._router is not None:
+            routes = self._router.route_ids([j.ids for j in jobs])
+            for k, (key, route) in enumerate(zip(keys, routes)):
+                if route is None and key in self._unedited_outputs:
+                    outputs[k] = self._unedited_outputs[key]
+        todo = [k for k, out in enumerate(outputs) if out is None]
+        decoded = greedy_from_ids(self.model, self.tokenizer, [jobs[k].ids for k in todo],
+                                  [jobs[k].steps for k in todo], self.batch_size) if todo else []
+        self.decoded_last += len(todo)
+        for k, tokens in zip(todo, decoded):
+            outputs[k] = tokens
+            if self._recording:
+                self._unedited_outputs[keys[k]] = tokens
+        return [out if out is not None else [] for out in outputs]
 
     def _locality_continuations(self, indices: Sequence[int] | range) -> dict[int, dict[str, list[list[int]]]]:
         jobs = [_Job(i, probe.kind, prompt_ids(self.tokenizer, probe.prompt), LOC_TOKENS)
