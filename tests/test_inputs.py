@@ -22,7 +22,7 @@ def test_config_round_trip_and_validation(caplog):
         (dict(expert="moe"), "expert must be one of"),
         (dict(layer=-1), "layer must be"),
         (dict(top_k=0), "top_k must be a positive int"),
-        (dict(lr=0), "lr must be a positive number"),
+        (dict(lr=0), "lr must be a positive finite number"),
         (dict(pooling="max"), "pooling must be one of"),
         (dict(min_steps=50, max_steps=10), "min_steps"),
         (dict(route_margin=1.5), "route_margin"),

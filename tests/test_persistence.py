@@ -106,8 +106,10 @@ def test_stale_views_are_repaired_from_the_weights(tokenizer, tmp_path):
     editor.save(tmp_path)
     (tmp_path / EDITS_NAME).write_text("")  # as if killed between the weights and the views
     (tmp_path / CONFIG_NAME).unlink()
-    loaded = LifelongEditor.load(make_model("llama"), tokenizer, tmp_path)
-    assert len(loaded.edits) == 2
+    loaded = LifelongEditor.load(make_model("llama"), tokenizer, tmp_path)  # reading: nothing is written
+    assert len(loaded.edits) == 2 and (tmp_path / EDITS_NAME).read_text() == ""
+    loaded.unload()
+    LifelongEditor.open(make_model("llama"), tokenizer, tmp_path)  # a writer repairs them
     assert len((tmp_path / EDITS_NAME).read_text().splitlines()) == 2
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["num_edits"] == 2
 

@@ -52,6 +52,26 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _number(kind: type, low: float, high: float = float("inf"), name: str = "") -> Any:
+    """An argparse type: a finite number of `kind` in [low, high], refused with a one-line reason."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")) or not low <= value <= high:
+            bound = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound}")
+        return value
+    parse.__name__ = name or kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, name="positive integer")
+NON_NEGATIVE_INT = _number(int, 0, name="integer >= 0")
+POSITIVE_FLOAT = _number(float, 1e-12, name="positive number")
+
+
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     import torch
@@ -62,9 +82,12 @@ def _setup(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
 
 
-def _load(args: argparse.Namespace, name: str | None) -> tuple[Any, Any]:
-    from .models import load_model
+def _load(args: argparse.Namespace, name: str | None, adapter: str | None = None) -> tuple[Any, Any]:
+    """The model to edit: --model, else the one named in `adapter` (said aloud: a path read from a file)."""
+    from .models import load_model, resolve_model_path
 
+    if adapter is not None and not args.model:
+        print(f"base model: {resolve_model_path(name)} (named in {adapter}; --model overrides)", file=sys.stderr)
     started = time.perf_counter()
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
     logger.info("loaded %s in %.1fs", name or "the default model", time.perf_counter() - started)
@@ -152,14 +175,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .data import read_edits
-    from .editor import LifelongEditor
+    from .data import DataError, conflicting_duplicates, read_placed_edits
+    from .editor import LifelongEditor, check_edits_fit
     from .metrics import mean
+    from .persistence import lemoe_files_without_weights
 
-    edits = read_edits(args.data, format=args.format)
-    if args.limit:
-        edits = edits[: args.limit]
+    placed = read_placed_edits(args.data, format=args.format)[: args.limit]
+    for first, later, prompt in conflicting_duplicates(placed):
+        message = f"{later}: prompt {prompt[:60]!r} was already edited to another target at {first}"
+        if args.strict:
+            raise DataError(message + " (--strict)")
+        logger.warning("%s; both are applied, the later one usually wins", message)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory")
+    partial = lemoe_files_without_weights(out)
+    if partial and not args.overwrite:
+        raise DataError(f"--out {out}: holds {', '.join(partial)} but no adapter_model.safetensors (a partial copy?); "
+                        "restore the weights file, or pass --overwrite to start a new adapter there")
     model, tok = _load(args, args.model)
+    edits = [record for _, record in placed]
+    check_edits_fit(tok, model, edits, [where for where, _ in placed])  # before batch 0 trains
+    out.mkdir(parents=True, exist_ok=True)
     editor = LifelongEditor.open(model, tok, args.out, _config_from(args) if _has_overrides(args) else None)
     reports = []
     already = len(editor.edits)
@@ -297,7 +334,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .persistence import read_adapter_state
 
     state = read_adapter_state(args.adapter)
-    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
+    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None, args.adapter)
     editor = LifelongEditor.load(model, tok, args.adapter)
     routes = editor.route(args.prompts)
     edited = greedy_completions(model, tok, args.prompts, args.max_new_tokens)
@@ -317,9 +354,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .persistence import load_adapter
+    from .persistence import AdapterError, load_adapter, save_adapter, stored_digests
 
-    state, tensors = load_adapter(args.adapter)
+    state, tensors = load_adapter(args.adapter)  # checks digests, finite values and the metadata schema
+    if args.add_digests and stored_digests(args.adapter) is None:
+        save_adapter(args.adapter, state, tensors)
+        print(f"added tensor digests to {args.adapter}")
+    if args.verify or args.add_digests:
+        experts = {name.split(".")[1] for name in tensors if name.startswith("experts.")}
+        if state.method == "lemoe" and experts != {str(i) for i in range(state.num_experts)}:
+            raise AdapterError(f"{args.adapter}: metadata claims {state.num_experts} experts; the weights file "
+                               f"holds {len(experts)}")
+        digests = "match" if stored_digests(args.adapter) is not None else \
+            "absent (add them: lemoe info --verify --add-digests DIR)"
+        print(f"verified: {len(tensors)} tensors, all finite; digests {digests}; metadata well-formed")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     cfg = state.config
     print(_table([
@@ -332,8 +380,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("tensor bytes", size),
         ("lemoe version", state.lemoe_version),
     ], ["adapter", str(args.adapter)]))
-    if state.edits:
-        shown = state.edits[-args.last:]
+    if state.edits and args.last:
+        shown = state.edits[-args.last:] if args.last else []
         print(f"\nlast {len(shown)} edits:")
         print(_table([(e["batch"], e["expert"], e["prompt"][:50], e["target"][:30]) for e in shown],
                      ["batch", "expert", "prompt", "target"]))
@@ -345,7 +393,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .persistence import read_adapter_state
 
     state = read_adapter_state(args.adapter)
-    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None)
+    model, tok = _load(args, args.model or state.base_model.get("name_or_path") or None, args.adapter)
     editor = LifelongEditor.load(model, tok, args.adapter, output_dir=args.adapter)
     removed = editor.rollback(args.batches)
     print(f"removed {args.batches} batch(es), {removed} edit(s); {editor.num_experts} experts and "
@@ -368,30 +416,32 @@ def build_parser() -> argparse.ArgumentParser:
                                         "HuggingFace model directory")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where it loads)")
     common.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    common.add_argument("--seed", type=int, default=None, help="torch seed for anything random at run time")
+    common.add_argument("--threads", type=POSITIVE_INT, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help="torch seed for anything random at run time")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress of every batch")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     method = argparse.ArgumentParser(add_help=False)
-    method.add_argument("--batch-size", type=int, default=10, help="edits per batch; each batch becomes one expert")
-    method.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
-    method.add_argument("--route-layer", type=int, default=None,
+    method.add_argument("--batch-size", type=POSITIVE_INT, default=10, help="edits per batch; each batch becomes one expert")
+    method.add_argument("--layer", type=NON_NEGATIVE_INT, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
+    method.add_argument("--route-layer", type=NON_NEGATIVE_INT, default=None,
                         help="layer whose FFN input the routing value is pooled from (default: depth/6, at most --layer)")
     method.add_argument("--expert", choices=["lora", "ffn"], default=None, help="expert kind (default: lora)")
     from .config import LEMoEConfig
 
     defaults = LEMoEConfig()  # the help states the config's own defaults, never a copy of them
-    method.add_argument("--lora-rank", type=int, default=None,
+    method.add_argument("--lora-rank", type=POSITIVE_INT, default=None,
                         help=f"rank of lora experts (default: {defaults.lora_rank})")
-    method.add_argument("--lr", type=float, default=None,
+    method.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
                         help=f"learning rate of a new expert (default: {defaults.lr:g})")
-    method.add_argument("--max-steps", type=int, default=None,
+    method.add_argument("--max-steps", type=POSITIVE_INT, default=None,
                         help=f"training steps per batch at most (default: {defaults.max_steps})")
-    method.add_argument("--top-k", type=int, default=None,
+    method.add_argument("--top-k", type=POSITIVE_INT, default=None,
                         help=f"experts mixed per sequence (default: {defaults.top_k})")
     method.add_argument("--key", choices=["subject", "pooled"], default=None,
                         help="routing key: 'subject' (an edit fires where a prompt names its subject and asks its "
                              "relation) or 'pooled' (one vector per prompt, lemoe 0.4) (default: subject)")
-    method.add_argument("--continuation-tokens", type=int, default=None,
+    method.add_argument("--continuation-tokens", type=NON_NEGATIVE_INT, default=None,
                         help="also train each edit on this many tokens of the unedited model's own continuation "
                              f"after its target, so answers do not run into other facts (default: "
                              f"{defaults.continuation_tokens}, off)")
@@ -400,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common, method], help="edit the built-in model with built-in facts",
                           description="Edit the model with a built-in set of 20 counterfactual facts and show greedy "
                           "completions before and after, plus Rel / Gen / Loc.")
-    demo.add_argument("--n", type=int, default=20, help="how many of the built-in edits to apply")
+    demo.add_argument("--n", type=POSITIVE_INT, default=20, help="how many of the built-in edits to apply")
     demo.add_argument("--out", default=None, help="also save the adapter to this directory")
     demo.set_defaults(func=cmd_demo)
 
@@ -411,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--format", default=None, choices=[f.name for f in FORMATS],
                       help="read FILE as this format instead of detecting it")
     edit.add_argument("--out", required=True, help="adapter directory (created, or resumed if it exists)")
-    edit.add_argument("--limit", type=int, default=None, help="only the first N records")
+    edit.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N records")
+    edit.add_argument("--overwrite", action="store_true",
+                      help="start a new adapter in OUT even though it holds lemoe files without weights")
+    edit.add_argument("--strict", action="store_true",
+                      help="refuse a file that edits the same prompt to two different targets (default: warn)")
     edit.set_defaults(func=cmd_edit)
 
     bench = sub.add_parser("bench", parents=[common, method], help="run an editing benchmark protocol",
@@ -421,23 +475,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "protocol. Writes summary.json, edits.jsonl, timeline.csv and plots to OUT.")
     bench.add_argument("--data", required=True, help="edit file in any supported format")
     bench.add_argument("--format", default=None, choices=[f.name for f in FORMATS], help="override format detection")
-    bench.add_argument("--T", type=int, default=100, help="number of edits (the first T records)")
+    bench.add_argument("--T", type=POSITIVE_INT, default=100, help="number of edits (the first T records)")
     bench.add_argument("--order", choices=["stream", "random", "cluster"], default="stream",
                        help="stream: as given; random: seeded shuffle; cluster: K-means batches, far apart in turn")
-    bench.add_argument("--seed-order", type=int, default=0, help="seed of the random order and of K-means")
+    bench.add_argument("--seed-order", type=NON_NEGATIVE_INT, default=0, help="seed of the random order and of K-means")
     bench.add_argument("--protocol", choices=["final", "immediate", "curve"], default="final",
                        help="final: evaluate all edits at the end; immediate: each batch right after its edit; "
                        "curve: all edits so far every --curve-every batches")
-    bench.add_argument("--curve-every", type=int, default=1, help="batches between curve evaluations")
+    bench.add_argument("--curve-every", type=POSITIVE_INT, default=1, help="batches between curve evaluations")
     bench.add_argument("--no-generative", action="store_true", help="skip greedy-decoding exact match (faster)")
-    bench.add_argument("--order-sensitivity", type=int, default=0, metavar="N",
+    bench.add_argument("--order-sensitivity", type=NON_NEGATIVE_INT, default=0, metavar="N",
                        help="instead of one run: N random orders (seeds S..S+N-1) and the cluster order, each in "
                        "OUT/<run>/, with order_sensitivity.json and a violin plot in OUT")
     bench.add_argument("--method", default="lemoe", metavar="NAME[,NAME...]",
                        help="editor(s) to run: lemoe, ft-l, memoe, grace, wise. Several (comma-separated) run one "
                        "after another on the same records and order, into OUT/<method>/, with comparison.json, "
                        "comparison.md and forgetting_curves.png in OUT (final protocol; curve recorded on the way)")
-    bench.add_argument("--curve-points", type=int, default=5, metavar="N",
+    bench.add_argument("--curve-points", type=POSITIVE_INT, default=5, metavar="N",
                        help="with several methods: points on each forgetting curve (every T/N edits)")
     bench.add_argument("--method-config", default=None, metavar="FILE",
                        help="JSON object {method: {field: value}} overriding a baseline's config fields (the "
@@ -449,36 +503,51 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load the adapter onto its base model and complete each PROMPT greedily.")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--adapter", required=True, help="adapter directory")
-    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=20, help="tokens to generate per prompt")
     gen.add_argument("--compare", action="store_true", help="also show the unedited model's completion")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe an adapter directory (no model needed)")
     info.add_argument("adapter")
-    info.add_argument("--last", type=int, default=10, help="how many of the newest edits to list")
+    info.add_argument("--last", type=NON_NEGATIVE_INT, default=10, help="how many of the newest edits to list")
+    info.add_argument("--verify", action="store_true",
+                      help="check every tensor against its digest, finite values and the metadata; exit 2 if not")
+    info.add_argument("--add-digests", action="store_true",
+                      help="give an adapter saved before lemoe 0.6 its tensor digests (after checking it)")
+    info.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     info.set_defaults(func=cmd_info, verbose=False, threads=None, seed=None)
 
     roll = sub.add_parser("rollback", parents=[common], help="drop the newest batches of edits from an adapter")
     roll.add_argument("adapter")
-    roll.add_argument("--batches", type=int, required=True, help="how many of the newest batches to drop")
+    roll.add_argument("--batches", type=NON_NEGATIVE_INT, required=True, help="how many of the newest batches to drop")
     roll.set_defaults(func=cmd_rollback)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .persistence import AdapterError
-
-    args = build_parser().parse_args(argv)
-    _setup(args)
+    """Run one command. A user's mistake is one line on stderr and exit 2; anything else exit 1 (with
+    --debug: the traceback); Ctrl-C exits 130, every finished batch saved."""
+    command = "lemoe"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"lemoe {args.command}"
+        _setup(args)
         return int(args.func(args))
-    except (DataError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"lemoe {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"lemoe {args.command}: interrupted; every finished batch is saved", file=sys.stderr)
+        print(f"{command}: interrupted; every finished batch is saved", file=sys.stderr)
         return 130
+    except Exception as err:
+        from .data import DataError
+        from .persistence import AdapterError
+
+        if "args" in locals() and getattr(args, "debug", False):
+            raise
+        if isinstance(err, (DataError, AdapterError, OSError, ValueError, RuntimeError)):
+            print(f"{command}: error: {err}", file=sys.stderr)
+            return 2
+        print(f"{command}: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, "
+              "and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

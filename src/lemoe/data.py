@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .probes import GENERATION, LOCALITY_KINDS, REPHRASE, Probe, ProbeError, answered, answers
 
@@ -386,6 +386,23 @@ def _load_items(path: Path) -> list[tuple[str, Any]]:
 def read_edits(path: str | Path, format: str | None = None) -> list[EditRecord]:
     """Read edit records from a JSON list or JSONL file in any known format (detected from the first
     record unless `format` names one); every record must be of that format."""
+    return [record for _, record in read_placed_edits(path, format)]
+
+
+def conflicting_duplicates(placed: Sequence[tuple[str, EditRecord]]) -> list[tuple[str, str, str]]:
+    """(first place, later place, prompt) of each record whose prompt an earlier record gave another target:
+    the later edit would silently overrule (or mix with) the earlier one."""
+    first: dict[str, tuple[str, str]] = {}
+    found = []
+    for where, record in placed:
+        seen = first.setdefault(record.prompt, (where, record.target))
+        if seen[1] != record.target:
+            found.append((seen[0], where, record.prompt))
+    return found
+
+
+def read_placed_edits(path: str | Path, format: str | None = None) -> list[tuple[str, EditRecord]]:
+    """`read_edits`, each record with its place in the file ("FILE: record N" or "FILE: line N")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -399,12 +416,12 @@ def read_edits(path: str | Path, format: str | None = None) -> list[EditRecord]:
         if format not in by_name:
             raise DataError(f"unknown format {format!r}; known: {', '.join(by_name)}")
         fmt = by_name[format]
-    records = []
+    records: list[tuple[str, EditRecord]] = []
     for where, item in items:
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
         missing = sorted(fmt.required - item.keys())
         if missing:
             raise DataError(f"{where}: missing field {missing[0]!r} (file read as {fmt.name} format)")
-        records.append(fmt.convert(item, where))
+        records.append((where, fmt.convert(item, where)))
     return records

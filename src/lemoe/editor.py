@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -17,12 +18,13 @@ from . import __version__
 from .config import LEMoEConfig
 from .content import ContentTokens, subject_positions
 from .data import DataError, EditRecord
-from .encoding import (TeacherForcedBatch, encode_pairs, max_context, pad_id, pad_sequences, prompt_batch,
-                       prompt_inputs)
+from .encoding import (TeacherForcedBatch, checked_pair, encode_pairs, max_context, pad_id, pad_sequences,
+                       prompt_batch, prompt_inputs)
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
-from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, save_adapter
+from .integrity import non_finite
+from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, repair_views, save_adapter
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
 from .subject_router import content_queries
@@ -88,6 +90,14 @@ def checked_records(records: Sequence[EditRecord], method: str = "edit") -> list
     return records
 
 
+def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditRecord], places: Sequence[str]) -> None:
+    """Every prompt + target fits the model's context and tokenises to something: checked for a whole file
+    before the first batch trains; the error names the record's place."""
+    limit = max_context(model)
+    for record, where in zip(records, places, strict=True):
+        checked_pair(tokenizer, record.prompt, record.target, limit, where)
+
+
 def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int,
                  continuations: Sequence[Sequence[int]] | None = None) -> TeacherForcedBatch:
     """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt."""
@@ -125,11 +135,16 @@ class LifelongEditor:
                 f"decoder layer {self.layer_idx} already carries a LEMoE adaptor; unload() the other editor first"
             )
         hidden = int(model.get_input_embeddings().weight.shape[1])
+        if self.config.expert == "lora" and self.config.lora_rank > hidden:
+            raise ValueError(f"lora_rank {self.config.lora_rank} exceeds the model's width {hidden}: a LoRA expert "
+                             "of higher rank than the layer it adapts adds nothing")
         self.identity = base_model_identity(model)
         self.fingerprint = weight_fingerprint(base_ffn)
         self.adaptor = LEMoELayer(base_ffn, self.layout, hidden, self.config)
         setattr(parent, self.layout.mlp_attr, self.adaptor)
-        self.sequence_routing = SequenceRouting(model, self._route_generate_prompts)
+        # one edit, rollback, save or unload at a time; `generate` waits for a running edit (sequence_routing)
+        self._lock = threading.RLock()
+        self.sequence_routing = SequenceRouting(model, self._route_generate_prompts, self._lock)
         self.adaptor.sequence = self.sequence_routing
         self.adaptor.route_layer_idx = self.route_layer_idx
         self.adaptor.subject_layer_idx = self.subject_layer_idx if self.config.key == "subject" else self.route_layer_idx
@@ -173,7 +188,14 @@ class LifelongEditor:
     # ------------------------------------------------------------------ editing
 
     def edit(self, records: Sequence[EditRecord]) -> EditReport:
-        """Train one new expert on this batch of edits; every earlier expert and key stays untouched."""
+        """Train one new expert on this batch of edits; every earlier expert and key stays untouched.
+
+        All or nothing: when training or the save into `output_dir` fails, the editor is left exactly as
+        before the call (so a retry adds one expert, not two)."""
+        with self._lock:
+            return self._edit(records)
+
+    def _edit(self, records: Sequence[EditRecord]) -> EditReport:
         self._check_attached()
         records = checked_records(records)
         started = time.perf_counter()
@@ -190,6 +212,10 @@ class LifelongEditor:
             # 3. the expert itself, on layers L..N only
             result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
                                   layer_input, self.config)
+            diverged = non_finite(dict(self.adaptor.experts[expert_id].state_dict()))
+            if diverged:
+                raise ValueError(f"training diverged: the new expert's {diverged[0]!r} holds NaN or infinity "
+                                 f"(learning rate {self.config.lr:g}); nothing was added")
         except BaseException:
             self.adaptor.truncate(expert_id)  # an interrupted batch leaves no half-made expert behind
             raise
@@ -197,6 +223,13 @@ class LifelongEditor:
         batch_index = expert_id
         for record in records:
             self.edits.append({**record.to_dict(probes=False), "batch": batch_index, "expert": expert_id})
+        if self.output_dir is not None:
+            try:
+                self.save(self.output_dir)
+            except BaseException:
+                self.adaptor.truncate(expert_id)  # the saved adapter is the truth: forget the unsaved batch
+                del self.edits[-len(records):]
+                raise
         report = EditReport(
             batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
             seconds=time.perf_counter() - started, final_loss=result.final_loss,
@@ -204,8 +237,6 @@ class LifelongEditor:
         )
         logger.info("batch %d: %d edits, %d steps, %.2fs, loss %.4f", batch_index, len(records), result.steps,
                     report.seconds, result.final_loss)
-        if self.output_dir is not None:
-            self.save(self.output_dir)
         return report
 
     def edit_stream(
@@ -378,21 +409,39 @@ class LifelongEditor:
 
     def rollback(self, batches: int = 1) -> int:
         """Drop the newest `batches` experts and their edits; returns the number of edits removed."""
+        with self._lock:
+            return self._rollback(batches)
+
+    def _rollback(self, batches: int) -> int:
         self._check_attached()
         if not isinstance(batches, int) or batches < 0:
             raise ValueError(f"batches must be a non-negative int, got {batches!r}")
         if batches > self.num_experts:
             raise ValueError(f"cannot roll back {batches} batches: the adapter holds {self.num_experts}")
         keep = self.num_experts - batches
-        before = len(self.edits)
+        router = self.adaptor.router
+        saved_buffers = dict(router.named_buffers())  # truncate() replaces them: the old tensors stay intact
+        dropped, edits = list(self.adaptor.experts[keep:]), self.edits
         self.adaptor.truncate(keep)
-        self.edits = [e for e in self.edits if e["expert"] < keep]
+        self.edits = [e for e in edits if e["expert"] < keep]
         if self.output_dir is not None:
-            self.save(self.output_dir)
-        return before - len(self.edits)
+            try:
+                self.save(self.output_dir)
+            except BaseException:  # a failed save leaves memory as it was, like the disk
+                for expert in dropped:
+                    self.adaptor.add_expert(expert)
+                for name, tensor in saved_buffers.items():
+                    setattr(router, name, tensor)
+                self.edits = edits
+                raise
+        return len(edits) - len(self.edits)
 
     def unload(self) -> nn.Module:
         """Put the original FFN back and remove every trace of the adaptor; returns the model."""
+        with self._lock:
+            return self._unload()
+
+    def _unload(self) -> nn.Module:
         if self._attached:
             setattr(self.layers[self.layer_idx], self.layout.mlp_attr, self.adaptor.base_layer)
             for hook in self._hooks:
@@ -414,17 +463,19 @@ class LifelongEditor:
 
     def save(self, directory: str | Path) -> None:
         """Write the adapter directory (atomic: a kill mid-save leaves the previous save intact)."""
-        state = AdapterState(
-            config=self.config.to_dict(), base_model=self.identity, fingerprint=self.fingerprint,
-            layer=self.layer_idx, num_experts=self.num_experts, edits=self.edits, lemoe_version=__version__,
-        )
-        save_adapter(directory, state, self.adapter_tensors())
+        with self._lock:
+            state = AdapterState(
+                config=self.config.to_dict(), base_model=self.identity, fingerprint=self.fingerprint,
+                layer=self.layer_idx, num_experts=self.num_experts, edits=self.edits, lemoe_version=__version__,
+            )
+            save_adapter(directory, state, self.adapter_tensors())
 
     @classmethod
     def load(
         cls, model: nn.Module, tokenizer: Any, directory: str | Path, output_dir: str | Path | None = None
     ) -> "LifelongEditor":
-        """Attach a saved adapter to `model`; refused if it was made for another model."""
+        """Attach a saved adapter to `model`; refused if it was made for another model. Reading never writes;
+        when `output_dir` is the adapter itself (resuming), stale side files from a killed save are repaired."""
         state, tensors = load_adapter(directory)
         if state.method != "lemoe":
             raise AdapterError(f"{directory}: holds the state of the {state.method!r} baseline, not a LEMoE adapter; "
@@ -439,9 +490,15 @@ class LifelongEditor:
         except Exception:
             editor.unload()
             raise
+        if output_dir is not None and Path(output_dir).resolve() == Path(directory).resolve():
+            repair_views(directory, state)
         return editor
 
     def _restore(self, state: AdapterState, tensors: dict[str, torch.Tensor]) -> None:
+        stored = {name.split(".")[1] for name in tensors if name.startswith("experts.")}
+        if stored != {str(i) for i in range(state.num_experts)}:  # checked before allocating any expert
+            raise AdapterError(f"adapter metadata claims {state.num_experts} experts; the weights file holds "
+                               f"{len(stored)}")
         for _ in range(state.num_experts):
             self.adaptor.add_expert(self.adaptor.new_expert())
         router = self.adaptor.router

@@ -54,6 +54,23 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
 
 
+def checked_pair(tokenizer: Any, prompt: str, answer: str, context_limit: int | None, label: str
+                 ) -> tuple[list[int], list[int]]:
+    """Prompt and answer token ids; ValueError naming `label` when either is empty or they outgrow the context."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    answer_ids = encode_answer(tokenizer, answer)
+    if not prompt_ids:
+        raise ValueError(f"{label}: the prompt tokenises to nothing")
+    if not answer_ids:
+        raise ValueError(f"{label}: the target {answer!r} tokenises to nothing")
+    if context_limit is not None and len(prompt_ids) + len(answer_ids) > context_limit:
+        raise ValueError(
+            f"{label}: prompt + target is {len(prompt_ids) + len(answer_ids)} tokens, "
+            f"longer than the model's context of {context_limit}"
+        )
+    return prompt_ids, answer_ids
+
+
 def encode_pairs(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -71,17 +88,7 @@ def encode_pairs(
     answer_ends: list[int] = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         label = labels[i] if labels else f"pair {i} (prompt {prompt[:60]!r})"
-        prompt_ids = list(tokenizer(prompt)["input_ids"])
-        answer_ids = encode_answer(tokenizer, answer)
-        if not prompt_ids:
-            raise ValueError(f"{label}: the prompt tokenises to nothing")
-        if not answer_ids:
-            raise ValueError(f"{label}: the target {answer!r} tokenises to nothing")
-        if context_limit is not None and len(prompt_ids) + len(answer_ids) > context_limit:
-            raise ValueError(
-                f"{label}: prompt + target is {len(prompt_ids) + len(answer_ids)} tokens, "
-                f"longer than the model's context of {context_limit}"
-            )
+        prompt_ids, answer_ids = checked_pair(tokenizer, prompt, answer, context_limit, label)
         following = list(continuations[i]) if continuations is not None else []
         if context_limit is not None:
             following = following[: max(0, context_limit - len(prompt_ids) - len(answer_ids))]

@@ -341,6 +341,10 @@ def builtin_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
     return str(name_or_path) if str(name_or_path) in BUILTIN_MODELS else None
 
 
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded (damaged config, no safetensors weights, no tokenizer)."""
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
     builtin = builtin_name(name_or_path)
     if builtin is not None:
@@ -374,11 +378,18 @@ def load_model(
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
         dtype = resolved
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (use --device cpu)")
+    # safetensors weights only, and never code shipped with the model: loading runs nothing from the directory
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged directory, no weights, pickle only
+        raise ModelLoadError(f"{path}: cannot load a causal LM and its tokenizer with safetensors weights "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None
     builtin = builtin_name(name_or_path)
     if builtin is not None:
         model.config._name_or_path = builtin

@@ -26,13 +26,14 @@ tensor, dataclass or tuple of tensors whose first dimension is the batch.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -160,9 +161,11 @@ class SequenceRouting:
     (one row each), or None when there is nothing to decide (no experts): used at `generate` entry.
     """
 
-    def __init__(self, model: nn.Module, decide_prompts: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
+    def __init__(self, model: nn.Module, decide_prompts: Callable[[torch.Tensor, torch.Tensor], Any],
+                 lock: ContextManager[Any] | None = None) -> None:
         self.model = model
         self.decide_prompts = decide_prompts
+        self.lock = lock if lock is not None else contextlib.nullcontext()  # held by `generate` from start to end
         self.key = f"{id(self):x}"
         self._call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(f"lemoe_call_{self.key}",
                                                                                      default=None)
@@ -259,12 +262,13 @@ class SequenceRouting:
             ids, mask = generate_prompt(model, signature, args, kwargs)
             if ids is None:  # inputs_embeds only: each call decides, caches carry the decision
                 return original(*args, **kwargs)
-            decision = routing.decide_prompts(ids, mask)
-            token = routing._scope.set(GenerateScope(decision, int(ids.shape[0])))
-            try:
-                return original(*args, **kwargs)
-            finally:
-                routing._scope.reset(token)
+            with routing.lock:  # the experts cannot change between the decision and the last token
+                decision = routing.decide_prompts(ids, mask)
+                token = routing._scope.set(GenerateScope(decision, int(ids.shape[0])))
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    routing._scope.reset(token)
 
         generate.__dict__["_lemoe_previous"] = model.__dict__.get("generate")
         model.generate = generate  # an instance attribute: the class's generate is untouched
