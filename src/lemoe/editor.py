@@ -481,7 +481,10 @@ class LifelongEditor:
             raise AdapterError(f"{directory}: holds the state of the {state.method!r} baseline, not a LEMoE adapter; "
                                "load it with lemoe.baselines.load_editor")
         check_adapter_matches(model, state, directory)
-        config = LEMoEConfig.from_dict(state.config)
+        try:
+            config = LEMoEConfig.from_dict(state.config)
+        except (TypeError, ValueError) as err:
+            raise AdapterError(f"{directory}: the saved config is not valid: {err}") from None
         if config.resolve_layer(len(decoder_layers(model, find_layout(model)))) != state.layer:
             raise AdapterError(f"{directory}: config layer does not match the saved layer {state.layer}")
         editor = cls(model, tokenizer, config, output_dir=output_dir)
