@@ -5,7 +5,6 @@ original: never another exception, never a silently different adapter."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

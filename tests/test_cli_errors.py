@@ -182,3 +182,11 @@ def test_an_internal_error_is_one_line_unless_debugging_and_ctrl_c_exits_130(tmp
 
     monkeypatch.setattr(cli, "_setup", interrupted)
     assert main(["info", str(tmp_path)]) == 130
+
+
+def test_the_command_starts_without_torch_so_ctrl_c_at_start_up_is_clean():
+    import subprocess
+    import sys
+
+    code = "import sys, lemoe.cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
