@@ -254,3 +254,15 @@ def test_generation_during_an_edit_sees_the_old_or_the_new_experts_never_a_half_
     after = greedy_completions(model, tokenizer, prompts, 4)
     assert before != after  # the edit changed something, so the check below is not vacuous
     assert seen and all(s in (before, after) for s in seen)
+
+
+def test_open_refuses_a_directory_with_lemoe_files_but_no_weights(tokenizer, tmp_path):
+    _saved(tokenizer, tmp_path)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    log = (tmp_path / EDITS_NAME).read_text()
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        LifelongEditor.open(make_model("llama"), tokenizer, tmp_path, tiny_config())
+    assert (tmp_path / EDITS_NAME).read_text() == log
+    editor = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path, tiny_config(), overwrite=True)
+    editor.edit(records(2))
+    assert len((tmp_path / EDITS_NAME).read_text().splitlines()) == 2

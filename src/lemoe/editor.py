@@ -24,7 +24,8 @@ from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .integrity import non_finite
-from .persistence import AdapterError, AdapterState, has_adapter, load_adapter, repair_views, save_adapter
+from .persistence import (WEIGHTS_NAME, AdapterError, AdapterState, has_adapter, lemoe_files_without_weights,
+                          load_adapter, repair_views, save_adapter)
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
 from .subject_router import content_queries
@@ -527,9 +528,18 @@ class LifelongEditor:
 
     @classmethod
     def open(
-        cls, model: nn.Module, tokenizer: Any, output_dir: str | Path, config: LEMoEConfig | None = None
+        cls, model: nn.Module, tokenizer: Any, output_dir: str | Path, config: LEMoEConfig | None = None,
+        overwrite: bool = False,
     ) -> "LifelongEditor":
-        """An editor that saves into `output_dir` after every batch, resuming what is already there."""
+        """An editor that saves into `output_dir` after every batch, resuming what is already there.
+
+        A directory holding lemoe files but no weights file (a partial copy) is refused unless
+        `overwrite`: starting afresh there would replace its edit log."""
+        partial = lemoe_files_without_weights(output_dir)
+        if partial and not overwrite:
+            raise AdapterError(f"{output_dir}: holds {', '.join(partial)} but no {WEIGHTS_NAME} (a partial copy?); "
+                               "restore the weights file, or pass overwrite=True (CLI: --overwrite) to start a new "
+                               "adapter there")
         if has_adapter(output_dir):
             editor = cls.load(model, tokenizer, output_dir, output_dir=output_dir)
             if config is not None and config.to_dict() != editor.config.to_dict():
