@@ -180,6 +180,9 @@ def test_reading_never_writes(tokenizer, tmp_path, monkeypatch):
     state, _ = persistence.load_adapter(tmp_path)
     assert len(state.edits) == 2
     assert LifelongEditor.load(make_model("llama"), tokenizer, tmp_path).num_experts == 1
+    from lemoe.cli import main
+
+    assert main(["info", str(tmp_path), "--verify"]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -266,3 +269,32 @@ def test_open_refuses_a_directory_with_lemoe_files_but_no_weights(tokenizer, tmp
     editor = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path, tiny_config(), overwrite=True)
     editor.edit(records(2))
     assert len((tmp_path / EDITS_NAME).read_text().splitlines()) == 2
+
+
+def test_generation_runs_while_an_expert_trains_and_does_not_see_it(tokenizer, monkeypatch):
+    from lemoe import editor as editor_module
+
+    model = make_model("llama")
+    editor = LifelongEditor(model, tokenizer, tiny_config(max_steps=30))
+    editor.edit(records(2))
+    prompts = [r.prompt for r in records(4)]
+    before = greedy_completions(model, tokenizer, prompts, 4)
+    training, generated = threading.Event(), threading.Event()
+    real_train = editor_module.train_expert
+    outcome: dict[str, object] = {}
+
+    def train_after_a_generation(*args):
+        training.set()
+        outcome["generated_during_training"] = generated.wait(timeout=60)
+        return real_train(*args)
+
+    monkeypatch.setattr(editor_module, "train_expert", train_after_a_generation)
+    worker = threading.Thread(target=lambda: editor.edit(records(2, offset=2)))
+    worker.start()
+    assert training.wait(timeout=60)
+    outcome["seen"] = greedy_completions(model, tokenizer, prompts, 4)  # not blocked by the edit
+    generated.set()
+    worker.join()
+    assert outcome["generated_during_training"] is True
+    assert outcome["seen"] == before  # the expert in training was hidden from routing
+    assert editor.num_experts == 2 and greedy_completions(model, tokenizer, prompts, 4) != before

@@ -21,6 +21,7 @@ from .data import DataError, EditRecord
 from .encoding import (TeacherForcedBatch, checked_pair, encode_pairs, max_context, pad_id, pad_sequences,
                        prompt_batch, prompt_inputs)
 from .layer import LEMoELayer, install_route_tap, install_token_tap
+from .locks import ReadWriteLock
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .integrity import non_finite
@@ -145,7 +146,8 @@ class LifelongEditor:
         setattr(parent, self.layout.mlp_attr, self.adaptor)
         # one edit, rollback, save or unload at a time; `generate` waits for a running edit (sequence_routing)
         self._lock = threading.RLock()
-        self.sequence_routing = SequenceRouting(model, self._route_generate_prompts, self._lock)
+        self._experts = ReadWriteLock()  # generations read the experts; adding or dropping one writes
+        self.sequence_routing = SequenceRouting(model, self._route_generate_prompts, self._experts.read)
         self.adaptor.sequence = self.sequence_routing
         self.adaptor.route_layer_idx = self.route_layer_idx
         self.adaptor.subject_layer_idx = self.subject_layer_idx if self.config.key == "subject" else self.route_layer_idx
@@ -206,31 +208,35 @@ class LifelongEditor:
         layer_input, states = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
                                                    self.route_ffns, batch)
         mask = self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)
-        # 2. a new zero expert, then its key (frozen) and acceptance region
-        expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
+        # 2. a new zero expert, hidden from every routing decision until it is trained and saved, then its
+        #    key (frozen) and acceptance region
+        with self._experts.write:
+            expert_id = self.adaptor.add_expert(self.adaptor.new_expert())
+            self.adaptor.visible_experts = expert_id
         try:
-            anchor = self._add_key(expert_id, records, batch, states, mask)
-            # 3. the expert itself, on layers L..N only
+            with self._experts.write:
+                anchor = self._add_key(expert_id, records, batch, states, mask)
+            # 3. the expert itself, on layers L..N only; generation goes on meanwhile (with the old experts)
             result = train_expert(self.model, self.layers, self.layer_idx, self.adaptor, expert_id, batch,
                                   layer_input, self.config)
             diverged = non_finite(dict(self.adaptor.experts[expert_id].state_dict()))
             if diverged:
                 raise ValueError(f"training diverged: the new expert's {diverged[0]!r} holds NaN or infinity "
                                  f"(learning rate {self.config.lr:g}); nothing was added")
+            for record in records:
+                self.edits.append({**record.to_dict(probes=False), "batch": expert_id, "expert": expert_id})
+            if self.output_dir is not None:
+                self.save(self.output_dir)  # the saved adapter is the truth: nothing unsaved is ever served
         except BaseException:
-            self.adaptor.truncate(expert_id)  # an interrupted batch leaves no half-made expert behind
+            with self._experts.write:  # an interrupted batch leaves no half-made expert behind
+                self.adaptor.truncate(expert_id)
+                self.adaptor.visible_experts = None
+                del self.edits[len(self.edits) - sum(e["expert"] == expert_id for e in self.edits):]
             raise
+        with self._experts.write:
+            self.adaptor.visible_experts = None  # 4. generations that start from now on may use it
         routed = self.adaptor.decide(states, mask).top1()
         batch_index = expert_id
-        for record in records:
-            self.edits.append({**record.to_dict(probes=False), "batch": batch_index, "expert": expert_id})
-        if self.output_dir is not None:
-            try:
-                self.save(self.output_dir)
-            except BaseException:
-                self.adaptor.truncate(expert_id)  # the saved adapter is the truth: forget the unsaved batch
-                del self.edits[-len(records):]
-                raise
         report = EditReport(
             batch=batch_index, expert=expert_id, num_edits=len(records), steps=result.steps,
             seconds=time.perf_counter() - started, final_loss=result.final_loss,
@@ -351,7 +357,7 @@ class LifelongEditor:
     @torch.no_grad()
     def _route_generate_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Route | None:
         """The route of every prompt given to `generate`, decided once at its entry (sequence_routing.py)."""
-        if self.adaptor.disabled or self.num_experts == 0:
+        if self.adaptor.off:
             return None
         inputs = prompt_inputs(input_ids.to(self.input_device), attention_mask.to(self.input_device))
         states = capture_ffn_inputs(self.model, self.route_ffns, inputs)
@@ -400,17 +406,20 @@ class LifelongEditor:
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Inside the block the model behaves exactly as the base model."""
-        previous = self.adaptor.disabled
-        self.adaptor.disabled = True
+        """Inside the block the model behaves exactly as the base model (in this thread; other threads keep
+        their experts)."""
+        state = self.adaptor.routing  # this thread only: other threads' generations keep their experts
+        previous = state.base_only
+        state.base_only = True
         try:
             yield
         finally:
-            self.adaptor.disabled = previous
+            state.base_only = previous
 
     def rollback(self, batches: int = 1) -> int:
-        """Drop the newest `batches` experts and their edits; returns the number of edits removed."""
-        with self._lock:
+        """Drop the newest `batches` experts and their edits; returns the number of edits removed. Waits for
+        the generations in flight: no expert vanishes mid-answer."""
+        with self._lock, self._experts.write:
             return self._rollback(batches)
 
     def _rollback(self, batches: int) -> int:
@@ -439,7 +448,7 @@ class LifelongEditor:
 
     def unload(self) -> nn.Module:
         """Put the original FFN back and remove every trace of the adaptor; returns the model."""
-        with self._lock:
+        with self._lock, self._experts.write:
             return self._unload()
 
     def _unload(self) -> nn.Module:

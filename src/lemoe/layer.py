@@ -10,6 +10,7 @@ says which calls belong to one sequence.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -73,6 +74,7 @@ class RoutingState:
     prompt_mask: torch.Tensor | None = None  # (B, T) explicit prompt positions: teacher-forced scoring
     tapped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d) its FFN input, this call
     token_ids: torch.Tensor | None = None  # (B, T) input ids of this call (token tap), for content masks
+    base_only: bool = False  # this thread wants the base model (LifelongEditor.disabled)
 
 
 class LEMoELayer(nn.Module):
@@ -87,12 +89,14 @@ class LEMoELayer(nn.Module):
         self.router: KVAnchorRouter | SubjectRelationRouter = (
             SubjectRelationRouter(hidden_size, config) if config.key == "subject" else KVAnchorRouter(hidden_size, config))
         self.experts = nn.ModuleList()
-        self.disabled = False
+        self.disabled = False  # every thread gets the base model
+        # experts from this index on are being trained: no decision picks them (None: every expert fires)
+        self.visible_experts: int | None = None
         # the layers whose FFN input routing reads (set by the editor); those below this one come from taps
         self.route_layer_idx: int | None = None
         self.subject_layer_idx: int | None = None
         self.tapped_layers: set[int] = set()
-        self.routing = RoutingState()
+        self._routing_by_thread: dict[int, RoutingState] = {}  # generation runs beside an edit's training
         self.sequence: SequenceRouting | None = None  # set by the editor: decisions across a sequence's calls
         self.content: ContentTokens | None = None  # set by the editor for pooling 'content' or key 'subject'
         device = next(base_layer.parameters()).device
@@ -101,6 +105,21 @@ class LEMoELayer(nn.Module):
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    @property
+    def routing(self) -> RoutingState:
+        """This thread's routing state: one thread's training (a forced route) or scoring (prompt positions)
+        never leaks into another thread's generation."""
+        key = threading.get_ident()
+        state = self._routing_by_thread.get(key)
+        if state is None:
+            state = self._routing_by_thread[key] = RoutingState()
+        return state
+
+    @property
+    def off(self) -> bool:
+        """The base model only, for this call: disabled for everyone, or for this thread."""
+        return self.disabled or self.routing.base_only or self.num_experts == 0
 
     def new_expert(self) -> nn.Module:
         """A zero-function expert on the base layer's device, in fp32 (trains well for any model dtype)."""
@@ -144,7 +163,8 @@ class LEMoELayer(nn.Module):
     def route(self, pooled: torch.Tensor) -> Route:
         """The pooled key's decision for (B, d) pooled vectors."""
         assert isinstance(self.router, KVAnchorRouter)
-        return self.router.route(pooled.to(self.router.center.device), self.config.top_k, self.config.deferral)
+        return self.router.route(pooled.to(self.router.center.device), self.config.top_k, self.config.deferral,
+                                 self.visible_experts)
 
     def decide(self, states: dict[int | None, torch.Tensor], mask: torch.Tensor) -> Route:
         """The decision for whole prompts: `states` maps a layer index to its FFN input (B, T, d), `mask`
@@ -153,7 +173,7 @@ class LEMoELayer(nn.Module):
         if isinstance(self.router, KVAnchorRouter):
             return self.route(self.router.pool(route_states, mask))
         tokens, relations = content_queries(states[self.subject_layer_idx], route_states, mask)
-        return self.router.route(tokens, relations, self.config.top_k, self.config.deferral)
+        return self.router.route(tokens, relations, self.config.top_k, self.config.deferral, self.visible_experts)
 
     def observe(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Called by a tap with the FFN input of a lower layer that routing reads."""
@@ -218,7 +238,7 @@ class LEMoELayer(nn.Module):
                       token_ids: torch.Tensor | None = None) -> Route | None:
         """The decision for whole prompts (FFN inputs by layer, (B, T) mask and ids), taken at `generate`
         entry; None when nothing can fire."""
-        if self.disabled or self.num_experts == 0:
+        if self.off:
             return None
         return self.decide(states, self.routing_mask(mask, token_ids))
 
@@ -226,7 +246,7 @@ class LEMoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)  # (B, T, d)
-        if self.disabled or self.num_experts == 0:
+        if self.off:
             self.routing.tapped.clear()
             return base_out
         route = self._route_for(x)

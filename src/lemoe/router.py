@@ -56,6 +56,14 @@ def no_route(batch: int, device: torch.device | str) -> Route:
     return Route(torch.full((batch, 1), -1, dtype=torch.long, device=device), torch.zeros(batch, 1, device=device))
 
 
+def hide_experts(scores: torch.Tensor, visible: int | None) -> torch.Tensor:
+    """(B, N) expert scores with the experts from index `visible` on set to -inf (None: none hidden)."""
+    if visible is None or visible >= scores.shape[1]:
+        return scores
+    hidden = torch.arange(scores.shape[1], device=scores.device) >= visible  # (N,)
+    return scores.masked_fill(hidden, float("-inf"))
+
+
 def top_k_route(scores: torch.Tensor, top_k: int) -> Route:
     """(B, N) expert scores, -inf where an expert does not accept the row -> the top-k accepted experts,
     gates renormalised over them (-1 and gate 0 in slots nothing fills)."""
@@ -115,16 +123,17 @@ class KVAnchorRouter(nn.Module):
         recency = torch.arange(self.num_experts, device=scores.device, dtype=scores.dtype) * _RECENCY
         return scores + recency  # (B, N)
 
-    def route_values(self, values: torch.Tensor, top_k: int, deferral: bool) -> Route:
-        if self.num_experts == 0:
+    def route_values(self, values: torch.Tensor, top_k: int, deferral: bool, visible: int | None = None) -> Route:
+        """`visible`: only experts below this index may fire (the others are still being trained)."""
+        if self.num_experts == 0 or visible == 0:
             return no_route(values.shape[0], values.device)
         scores = self.expert_scores(values)  # (B, N)
         if deferral:
             scores = scores.masked_fill(scores < self.thresholds, float("-inf"))
-        return top_k_route(scores, top_k)
+        return top_k_route(hide_experts(scores, visible), top_k)
 
-    def route(self, pooled: torch.Tensor, top_k: int, deferral: bool) -> Route:
-        return self.route_values(self.value(pooled), top_k, deferral)
+    def route(self, pooled: torch.Tensor, top_k: int, deferral: bool, visible: int | None = None) -> Route:
+        return self.route_values(self.value(pooled), top_k, deferral, visible)
 
     # ------------------------------------------------------------------ adding an expert's key
 

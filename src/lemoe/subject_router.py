@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LEMoEConfig
-from .router import AnchorFit, Route, no_route, top_k_route
+from .router import AnchorFit, Route, hide_experts, no_route, top_k_route
 
 _RECENCY = 1e-6  # per edit index: the newest of equal scores wins
 
@@ -108,10 +108,11 @@ class SubjectRelationRouter(nn.Module):
         return subject, relation
 
     def route(self, query_tokens: list[torch.Tensor], query_relations: torch.Tensor, top_k: int,
-              deferral: bool) -> Route:
+              deferral: bool, visible: int | None = None) -> Route:
+        """`visible`: only experts below this index may fire (the others are still being trained)."""
         batch, device = len(query_tokens), self.subject_tokens.device
         experts = self.num_experts
-        if experts == 0:
+        if experts == 0 or visible == 0:
             return no_route(batch, device)
         subject, relation = self.scores(query_tokens, query_relations)
         score = relation + torch.arange(self.num_edits, device=device) * _RECENCY  # (B, E)
@@ -120,7 +121,7 @@ class SubjectRelationRouter(nn.Module):
             score = score.masked_fill(~fires, float("-inf"))
         per_expert = score.new_full((batch, experts), float("-inf"))
         per_expert = per_expert.scatter_reduce(1, self.anchor_experts.expand(batch, -1), score, reduce="amax")
-        return top_k_route(per_expert, top_k)
+        return top_k_route(hide_experts(per_expert, visible), top_k)
 
     # ------------------------------------------------------------------ keys
 

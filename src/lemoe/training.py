@@ -7,6 +7,7 @@ returns the cached layer-L input. Logits are computed at answer positions only.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class _Replay(nn.Module):
         object.__setattr__(self, "original", original)  # not a submodule: its attributes only
         self.cached = cached
         self.as_tuple = as_tuple
+        object.__setattr__(self, "mine", _this_thread())  # other threads run the original layer
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -50,6 +52,8 @@ class _Replay(nn.Module):
             return getattr(object.__getattribute__(self, "original"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not object.__getattribute__(self, "mine")():
+            return object.__getattribute__(self, "original")(hidden_states, *args, **kwargs)
         return (self.cached,) if self.as_tuple else self.cached
 
 
@@ -72,12 +76,15 @@ def capture_layer_inputs(
     while training, and the input (B, T, d) of each FFN in `ffns` (those routing reads), by the same key."""
     captured: dict[str, torch.Tensor] = {}
     grabbed: dict[int, torch.Tensor] = {}
+    mine = _this_thread()
 
     def grab_layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        if mine():
+            captured["layer"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        raise _StopForward
+        if mine():
+            raise _StopForward
 
     def note_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         _RETURNS_TUPLE[layers] = isinstance(output, tuple)
@@ -105,21 +112,32 @@ def capture_ffn_inputs(model: nn.Module, ffns: dict[int, nn.Module], batch: Teac
     highest of them."""
     grabbed: dict[int, torch.Tensor] = {}
     top = max(ffns)
+    mine = _this_thread()
 
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        raise _StopForward
+        if mine():
+            raise _StopForward
 
     handles = [*_grabbers(ffns, grabbed), ffns[top].register_forward_pre_hook(stop)]  # stop after the grabs
     _run_until_stop(model, batch, handles)
     return grabbed
 
 
+def _this_thread() -> Any:
+    """A test for "this call runs in the thread that installed the hook": other threads (generation
+    served beside an edit) pass through every capture hook and replayed layer untouched."""
+    owner = threading.get_ident()
+    return lambda: threading.get_ident() == owner
+
+
 def _grabbers(ffns: dict[int, nn.Module], grabbed: dict[int, torch.Tensor]) -> list[Any]:
     """Pre-hooks that keep each FFN's input under its layer index (one module may serve two indices)."""
     handles = []
+    mine = _this_thread()
     for index, ffn in ffns.items():
         def grab(module: nn.Module, args: tuple[Any, ...], index: int = index) -> None:
-            grabbed[index] = args[0].detach()
+            if mine():
+                grabbed[index] = args[0].detach()
         handles.append(ffn.register_forward_pre_hook(grab))
     return handles
 
