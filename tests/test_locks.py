@@ -83,3 +83,18 @@ def test_the_writer_may_read_and_nest_and_only_it_may_release():
     acquired = threading.Event()
     _in_thread(lambda: (lock.acquire_write(), acquired.set(), lock.release_write())).join(timeout=10)
     assert acquired.is_set()  # fully released after nesting
+
+
+def test_a_reader_may_read_again_while_a_writer_waits():
+    lock = ReadWriteLock()
+    lock.acquire_read()
+    writer = _in_thread(lambda: (lock.acquire_write(), lock.release_write()))
+    time.sleep(0.2)
+    lock.acquire_read()  # would deadlock if it queued behind the waiting writer
+    lock.release_read()
+    assert writer.is_alive()  # still one read held
+    lock.release_read()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    with pytest.raises(RuntimeError, match="does not hold a read lock"):
+        lock.release_read()

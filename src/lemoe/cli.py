@@ -402,6 +402,35 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .server import Limits, adapter_model_name, create_app, is_loopback, serve_model
+    except ImportError as err:
+        raise RuntimeError(f"lemoe serve needs its extra: pip install \"lemoe[serve]\" ({err})") from None
+    key = args.api_key or os.environ.get("LEMOE_API_KEY") or None
+    if not is_loopback(args.host) and key is None and not args.follow:
+        raise ValueError(f"--host {args.host} is reachable from other machines: the editing API needs --api-key "
+                         "(or LEMOE_API_KEY), or serve read-only with --follow")
+    named = adapter_model_name(args.adapter)
+    model, tok = _load(args, args.model or named, args.adapter if named else None)
+    served = serve_model(model, tok, args.adapter, args.model or named or "smollm2-135m", follow=args.follow,
+                         config=_config_from(args) if _has_overrides(args) else None)
+    limits = Limits(max_tokens=args.max_tokens, max_edits=args.max_edits, max_body_bytes=args.max_body_bytes)
+    app = create_app(served, api_key=key, limits=limits)
+    print(f"serving {served.name} with {served.editor.num_experts} experts from {args.adapter} on "
+          f"http://{args.host}:{args.port} ({'read-only, following the adapter' if args.follow else 'edits on'}"
+          f"{', API key required' if key else ''})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        served.close()
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -522,6 +551,24 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("adapter")
     roll.add_argument("--batches", type=NON_NEGATIVE_INT, required=True, help="how many of the newest batches to drop")
     roll.set_defaults(func=cmd_rollback)
+    serve = sub.add_parser("serve", parents=[common, method], help="serve the edited model over HTTP, edit it live",
+                           description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+                           "/v1/models) for the model with the adapter in DIR, plus the editing API (POST /v1/edits: "
+                           "a batch of edits becomes one expert, saved in DIR before the reply; GET /v1/edits; POST "
+                           "/v1/edits/rollback; GET /health). A missing DIR starts an empty adapter there. Needs "
+                           "pip install \"lemoe[serve]\".")
+    serve.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (created if missing)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; another address needs --api-key or --follow)")
+    serve.add_argument("--port", type=_number(int, 1, 65535, "port"), default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every endpoint (default: $LEMOE_API_KEY)")
+    serve.add_argument("--follow", action="store_true",
+                       help="read-only: serve DIR as another writer updates it, reloading when its weights change")
+    serve.add_argument("--max-tokens", type=POSITIVE_INT, default=512, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-edits", type=POSITIVE_INT, default=100, help="most edits in one POST /v1/edits")
+    serve.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1 << 20, help="largest request body")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -387,6 +387,38 @@ class LifelongEditor:
             routed += route.top1() if route is not None else [None] * len(ids)
         return routed
 
+    def snapshot(self) -> ContextManager[None]:
+        """Inside the block the set of experts does not change (an edit may train, but commits, rollbacks and
+        reloads wait): a server decides a request's expert and generates its answer under one snapshot."""
+        return self._experts.read
+
+    def reload(self, directory: str | Path) -> bool:
+        """Replace every expert by those saved in `directory` (a follower of another process's adapter);
+        False when nothing changed. Refused, keeping the current experts, if it has another config or model."""
+        state, tensors = load_adapter(directory)
+        if state.method != "lemoe":
+            raise AdapterError(f"{directory}: holds {state.method!r} state, not a LEMoE adapter")
+        check_adapter_matches(self.model, state, directory)
+        if LEMoEConfig.from_dict(state.config).to_dict() != self.config.to_dict() or state.layer != self.layer_idx:
+            raise AdapterError(f"{directory}: the adapter now has another config or layer; restart to serve it")
+        with self._lock, self._experts.write:
+            if state.edits == self.edits and state.num_experts == self.num_experts:
+                return False
+            router = self.adaptor.router
+            kept_buffers, kept_experts, kept_edits = dict(router.named_buffers()), list(self.adaptor.experts), self.edits
+            self.adaptor.truncate(0)
+            try:
+                self._restore(state, tensors)
+            except BaseException:  # keep serving what was there
+                self.adaptor.truncate(0)
+                for expert in kept_experts:
+                    self.adaptor.add_expert(expert)
+                for name, tensor in kept_buffers.items():
+                    setattr(router, name, tensor)
+                self.edits = kept_edits
+                raise
+        return True
+
     def prompt_positions(self, mask: torch.Tensor) -> ContextManager[None]:
         """Inside the block, each row is routed on the positions where `mask` is 1 (scoring prompt + answer)."""
         return self.adaptor.prompt_positions(mask)

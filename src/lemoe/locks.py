@@ -4,7 +4,8 @@ Generation reads the experts from its routing decision to its last token; an edi
 briefly (adding the new expert's key while hiding it, then making it visible), and trains in between
 without the lock, so generation goes on while an expert trains. Rollback and unload write: they wait
 for the generations in flight, so no expert vanishes mid-answer. Writers are preferred (a waiting
-writer stops new readers), and the thread holding the write lock may also read.
+writer stops new readers), a reading thread may read again, and the thread holding the write lock may
+also read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class ReadWriteLock:
     def __init__(self) -> None:
         self._condition = threading.Condition(threading.Lock())
         self._readers = 0
+        self._depth: dict[int, int] = {}  # reading threads -> how many reads each holds
         self._writer: int | None = None  # thread ident of the writer
         self._writer_depth = 0
         self._writers_waiting = 0
@@ -24,18 +26,29 @@ class ReadWriteLock:
         self.write = _Side(self.acquire_write, self.release_write)
 
     def acquire_read(self) -> None:
+        me = threading.get_ident()
         with self._condition:
-            if self._writer == threading.get_ident():  # the writer reads what it writes
+            if self._writer == me:  # the writer reads what it writes
                 self._writer_depth += 1
+                return
+            if self._depth.get(me):  # already reading: never queue behind a waiting writer (deadlock)
+                self._depth[me] += 1
                 return
             self._condition.wait_for(lambda: self._writer is None and not self._writers_waiting)
             self._readers += 1
+            self._depth[me] = 1
 
     def release_read(self) -> None:
+        me = threading.get_ident()
         with self._condition:
-            if self._writer == threading.get_ident():
+            if self._writer == me:
                 self._writer_depth -= 1
                 return
+            if self._depth.get(me, 0) > 1:
+                self._depth[me] -= 1
+                return
+            if not self._depth.pop(me, 0):
+                raise RuntimeError("release_read by a thread that does not hold a read lock")
             self._readers -= 1
             if not self._readers:
                 self._condition.notify_all()
