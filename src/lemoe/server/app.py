@@ -63,7 +63,9 @@ class BodyLimit:
 
 def create_app(served: ServedModel, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    app = FastAPI(title="lemoe", description="A lifelong-edited model: OpenAI-compatible completions and live edits.")
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}  # the key guards all
+    app = FastAPI(title="lemoe", description="A lifelong-edited model: OpenAI-compatible completions and live edits.",
+                  **hidden)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
