@@ -19,12 +19,12 @@ run() {  # NAME, then lemoe bench arguments
 }
 
 run counterfact_rome_dev_all --data "$data/counterfact/counterfact_rome_format_dev.json" --T 223
-run zsre_mend_T1000 --data "$data/zsre/zsre_mend_dev.json" --T 1000
-run knowedit_zsre_T1000 --data "$data/zsre/knowedit_zsre_test.json" --T 1000
-run knowedit_wiki_counterfact_T1000 --data "$data/knowedit/knowedit_wiki_counterfact_train.json" --T 1000
-run counterfact_easyedit_T1000 --data "$data/counterfact/counterfact_easyedit_train.json" --T 1000
-run baselines_counterfact_rome_T100 --data "$data/counterfact/counterfact_rome_format_dev.json" --T 100 \
-  --method lemoe,ft-l,memoe,grace,wise --method-config benchmarks/baseline_configs.json
 if [[ ! -f "$out/demo.txt" ]]; then
   lemoe demo --threads 2 > "$out/demo.txt"
 fi
+run zsre_mend_T1000 --data "$data/zsre/zsre_mend_dev.json" --T 1000
+run knowedit_zsre_T1000 --data "$data/zsre/knowedit_zsre_test.json" --T 1000
+run baselines_counterfact_rome_T100 --data "$data/counterfact/counterfact_rome_format_dev.json" --T 100 \
+  --method lemoe,ft-l,memoe,grace,wise --method-config benchmarks/baseline_configs.json
+run knowedit_wiki_counterfact_T1000 --data "$data/knowedit/knowedit_wiki_counterfact_train.json" --T 1000
+run counterfact_easyedit_T1000 --data "$data/counterfact/counterfact_easyedit_train.json" --T 1000

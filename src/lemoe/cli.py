@@ -452,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log progress of every batch")
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     method = argparse.ArgumentParser(add_help=False)
-    method.add_argument("--batch-size", type=POSITIVE_INT, default=10, help="edits per batch; each batch becomes one expert")
+    batching = argparse.ArgumentParser(add_help=False)
+    batching.add_argument("--batch-size", type=POSITIVE_INT, default=10,
+                          help="edits per batch; each batch becomes one expert")
     method.add_argument("--layer", type=NON_NEGATIVE_INT, default=None, help="decoder layer to edit (default: 2/3 of the depth)")
     method.add_argument("--route-layer", type=NON_NEGATIVE_INT, default=None,
                         help="layer whose FFN input the routing value is pooled from (default: depth/6, at most --layer)")
@@ -477,14 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{defaults.continuation_tokens}, off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", parents=[common, method], help="edit the built-in model with built-in facts",
+    demo = sub.add_parser("demo", parents=[common, batching, method], help="edit the built-in model with built-in facts",
                           description="Edit the model with a built-in set of 20 counterfactual facts and show greedy "
                           "completions before and after, plus Rel / Gen / Loc.")
     demo.add_argument("--n", type=POSITIVE_INT, default=20, help="how many of the built-in edits to apply")
     demo.add_argument("--out", default=None, help="also save the adapter to this directory")
     demo.set_defaults(func=cmd_demo)
 
-    edit = sub.add_parser("edit", parents=[common, method], help="apply a file of edits; resumable",
+    edit = sub.add_parser("edit", parents=[common, batching, method], help="apply a file of edits; resumable",
                           description="Apply the edits of FILE in batches, one new expert per batch. The adapter in "
                           "OUT is saved after every batch; running the same command again resumes where it stopped.")
     edit.add_argument("--data", required=True, help="JSON list or JSONL of edit records (format detected)")
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="refuse a file that edits the same prompt to two different targets (default: warn)")
     edit.set_defaults(func=cmd_edit)
 
-    bench = sub.add_parser("bench", parents=[common, method], help="run an editing benchmark protocol",
+    bench = sub.add_parser("bench", parents=[common, batching, method], help="run an editing benchmark protocol",
                            description="Apply the first T records of FILE in batches (in stream, random or "
                            "cluster order) and measure Rel / Gen / Loc (teacher-forced), generative exact match, "
                            "routing consistency and target perplexity under the final, immediate or curve "
