@@ -355,17 +355,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .persistence import AdapterError, load_adapter, save_adapter, stored_digests
+    from .persistence import check_expert_count, load_adapter, save_adapter, stored_digests
 
     state, tensors = load_adapter(args.adapter)  # checks digests, finite values and the metadata schema
     if args.add_digests and stored_digests(args.adapter) is None:
         save_adapter(args.adapter, state, tensors)
         print(f"added tensor digests to {args.adapter}")
     if args.verify or args.add_digests:
-        experts = {name.split(".")[1] for name in tensors if name.startswith("experts.")}
-        if state.method == "lemoe" and experts != {str(i) for i in range(state.num_experts)}:
-            raise AdapterError(f"{args.adapter}: metadata claims {state.num_experts} experts; the weights file "
-                               f"holds {len(experts)}")
+        if state.method == "lemoe":
+            check_expert_count(tensors, state.num_experts, args.adapter)
         digests = "match" if stored_digests(args.adapter) is not None else \
             "absent (add them: lemoe info --verify --add-digests DIR)"
         print(f"verified: {len(tensors)} tensors, all finite; digests {digests}; metadata well-formed")
@@ -382,7 +380,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("lemoe version", state.lemoe_version),
     ], ["adapter", str(args.adapter)]))
     if state.edits and args.last:
-        shown = state.edits[-args.last:] if args.last else []
+        shown = state.edits[-args.last:]
         print(f"\nlast {len(shown)} edits:")
         print(_table([(e["batch"], e["expert"], e["prompt"][:50], e["target"][:30]) for e in shown],
                      ["batch", "expert", "prompt", "target"]))

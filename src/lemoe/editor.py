@@ -20,13 +20,13 @@ from .content import ContentTokens, subject_positions
 from .data import DataError, EditRecord
 from .encoding import (TeacherForcedBatch, checked_pair, encode_pairs, max_context, pad_id, pad_sequences,
                        prompt_batch, prompt_inputs)
+from .integrity import non_finite
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .locks import ReadWriteLock
 from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
-from .integrity import non_finite
-from .persistence import (WEIGHTS_NAME, AdapterError, AdapterState, has_adapter, lemoe_files_without_weights,
-                          load_adapter, repair_views, save_adapter)
+from .persistence import (WEIGHTS_NAME, AdapterError, AdapterState, check_expert_count, has_adapter,
+                          lemoe_files_without_weights, load_adapter, repair_views, save_adapter)
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
 from .subject_router import content_queries
@@ -144,9 +144,10 @@ class LifelongEditor:
         self.fingerprint = weight_fingerprint(base_ffn)
         self.adaptor = LEMoELayer(base_ffn, self.layout, hidden, self.config)
         setattr(parent, self.layout.mlp_attr, self.adaptor)
-        # one edit, rollback, save or unload at a time; `generate` waits for a running edit (sequence_routing)
-        self._lock = threading.RLock()
-        self._experts = ReadWriteLock()  # generations read the experts; adding or dropping one writes
+        self._lock = threading.RLock()  # one edit, rollback, reload, save or unload at a time
+        # `generate` reads the experts from its routing decision to its last token (sequence_routing); adding,
+        # showing or dropping an expert writes, briefly: an expert trains while generations go on
+        self._experts = ReadWriteLock()
         self.sequence_routing = SequenceRouting(model, self._route_generate_prompts, self._experts.read)
         self.adaptor.sequence = self.sequence_routing
         self.adaptor.route_layer_idx = self.route_layer_idx
@@ -540,10 +541,7 @@ class LifelongEditor:
         return editor
 
     def _restore(self, state: AdapterState, tensors: dict[str, torch.Tensor]) -> None:
-        stored = {name.split(".")[1] for name in tensors if name.startswith("experts.")}
-        if stored != {str(i) for i in range(state.num_experts)}:  # checked before allocating any expert
-            raise AdapterError(f"adapter metadata claims {state.num_experts} experts; the weights file holds "
-                               f"{len(stored)}")
+        check_expert_count(tensors, state.num_experts, "adapter")  # before allocating any expert
         for _ in range(state.num_experts):
             self.adaptor.add_expert(self.adaptor.new_expert())
         router = self.adaptor.router

@@ -153,6 +153,13 @@ def stored_digests(directory: str | Path) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
+def check_expert_count(tensors: dict[str, torch.Tensor], num_experts: int, where: str | Path) -> None:
+    """The weights file holds experts 0..num_experts-1 exactly, as the metadata claims."""
+    stored = {name.split(".")[1] for name in tensors if name.startswith("experts.")}
+    if stored != {str(i) for i in range(num_experts)}:
+        raise AdapterError(f"{where}: metadata claims {num_experts} experts; the weights file holds {len(stored)}")
+
+
 def load_adapter(directory: str | Path) -> tuple[AdapterState, dict[str, torch.Tensor]]:
     """Read and check an adapter directory (digests, finite values, metadata schema); never writes."""
     return _read_adapter(Path(directory), with_tensors=True)
