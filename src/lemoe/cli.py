@@ -102,7 +102,7 @@ def _config_from(args: argparse.Namespace) -> Any:
 
 
 CONFIG_FLAGS = ("layer", "route_layer", "expert", "lora_rank", "lr", "max_steps", "top_k", "key",
-                "continuation_tokens")
+                "continuation_tokens", "chat_rows")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -475,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train each edit on this many tokens of the unedited model's own continuation "
                              f"after its target, so answers do not run into other facts (default: "
                              f"{defaults.continuation_tokens}, off)")
+    method.add_argument("--chat-rows", action="store_true", default=None,
+                        help="also train each edit as the answer to its prompt sent as a chat user turn, so chat "
+                             "questions get the new answer too (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", parents=[common, batching, method], help="edit the built-in model with built-in facts",

@@ -106,6 +106,12 @@ class LEMoEConfig:
                   "own greedy continuation of prompt + target, so an expert stops after the answer instead "
                   "of running into another fact of its batch (0 = off)"},
     )
+    chat_rows: bool = field(
+        default=False,
+        metadata={"help": "also train each edit as the answer to its prompt sent as a chat user turn (models "
+                  "with a chat template), so the expert answers with the new target in chat too; keys come "
+                  "from the plain prompts only"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 
     def __post_init__(self) -> None:
@@ -138,6 +144,8 @@ class LEMoEConfig:
         if not isinstance(self.continuation_tokens, int) or isinstance(self.continuation_tokens, bool) \
                 or self.continuation_tokens < 0:
             raise ValueError(f"continuation_tokens must be an int >= 0, got {self.continuation_tokens!r}")
+        if not isinstance(self.chat_rows, bool):
+            raise ValueError(f"chat_rows must be true or false, got {self.chat_rows!r}")
         if not isinstance(self.min_steps, int) or self.min_steps < 0 or self.min_steps > self.max_steps:
             raise ValueError(f"min_steps must be an int in [0, max_steps={self.max_steps}], got {self.min_steps!r}")
         for name in ("lr", "lora_alpha"):

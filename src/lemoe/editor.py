@@ -101,11 +101,26 @@ def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditReco
 
 
 def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int,
-                 continuations: Sequence[Sequence[int]] | None = None) -> TeacherForcedBatch:
-    """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt."""
+                 continuations: Sequence[Sequence[int]] | None = None, chat: bool = False) -> TeacherForcedBatch:
+    """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt.
+
+    `chat`: after the B plain rows, B more rows with each prompt sent as a chat user turn (the tokenizer's
+    template with the generation prompt), answered by the target (no continuation)."""
     labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
-    return encode_pairs(tokenizer, [r.prompt for r in records], [r.target for r in records], max_context(model),
-                        labels, continuations)
+    prompts, targets = [r.prompt for r in records], [r.target for r in records]
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompts += [chat_text(tokenizer, r.prompt) for r in records]
+        targets += targets[: len(records)]
+        labels += [f"{label}, as a chat turn" for label in labels]
+        if continuations is not None:
+            continuations = [*continuations, *([[]] * len(records))]
+    return encode_pairs(tokenizer, prompts, targets, max_context(model), labels, continuations)
+
+
+def chat_text(tokenizer: Any, question: str) -> str:
+    """`question` as a user message through the chat template, with the generation prompt, as text."""
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False))
 
 
 class LifelongEditor:
@@ -204,11 +219,14 @@ class LifelongEditor:
         records = checked_records(records)
         started = time.perf_counter()
         continuations = self._continuations(records) if self.config.continuation_tokens else None
-        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations).to(self.input_device)
+        batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations,
+                             chat=self.config.chat_rows).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing states
         layer_input, states = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
                                                    self.route_ffns, batch)
-        mask = self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)
+        plain = len(records)  # keys come from the plain prompts (rows after them: chat turns, training only)
+        states = {layer: hidden[:plain] for layer, hidden in states.items()}
+        mask = self.adaptor.routing_mask(batch.prompt_mask, batch.input_ids)[:plain]
         # 2. a new zero expert, hidden from every routing decision until it is trained and saved, then its
         #    key (frozen) and acceptance region
         with self._experts.write:

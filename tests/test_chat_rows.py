@@ -1,0 +1,52 @@
+"""`chat_rows`: each edit is also trained as the answer to its prompt sent as a chat user turn; keys still
+come from the plain prompts only."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from conftest import make_model, records, tiny_config, tiny_tokenizer
+from lemoe import LifelongEditor
+from lemoe.editor import chat_text, encode_edits
+from lemoe.encoding import encode_answer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _chat_tokenizer():
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_the_batch_gets_one_chat_row_per_edit_only_with_a_template():
+    tok, model, recs = _chat_tokenizer(), make_model("llama"), records(3)
+    plain = encode_edits(tok, model, recs, 0)
+    chat = encode_edits(tok, model, recs, 0, chat=True)
+    assert plain.size == 3 and chat.size == 6
+    assert chat_text(tok, recs[0].prompt) == f"<user>{recs[0].prompt}<assistant>"
+    assert encode_edits(tiny_tokenizer(), model, recs, 0, chat=True).size == 3  # no template: plain rows only
+
+
+def test_chat_rows_teach_the_chat_answer_and_key_on_the_plain_prompts():
+    tok = _chat_tokenizer()
+    recs = records(2)
+    results = {}
+    for chat_rows in (False, True):
+        model = make_model("llama")
+        editor = LifelongEditor(model, tok, tiny_config(max_steps=150, chat_rows=chat_rows))
+        report = editor.edit(recs)
+        assert editor.adaptor.router.num_edits == 2 and len(report.routed_to_own) == 2
+        hits = 0
+        for record in recs:
+            ids = tok(chat_text(tok, record.prompt), return_tensors="pt")["input_ids"]
+            target = encode_answer(tok, record.target)
+            with editor.adaptor.forced_route(torch.tensor([0])):  # the expert itself (routing: tested elsewhere)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
+                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+            hits += int(out[0, ids.shape[1]:].tolist() == target)
+        results[chat_rows] = hits
+    assert results[True] == 2 and results[True] > results[False]
