@@ -87,3 +87,14 @@ def test_the_floor_bounds_how_wide_a_region_can_be():
     assert fit.threshold == 0.5
     tilted = torch.nn.functional.normalize(E[0] + 2 * E[1], dim=0)[None]  # cos 0.447 to the anchor
     assert router.route(tilted, top_k=1, deferral=True).top1() == [None]
+
+
+def test_hidden_experts_never_fire():
+    import torch
+
+    from lemoe.router import hide_experts, top_k_route
+
+    scores = torch.tensor([[0.9, 0.2, 0.95], [float("-inf"), float("-inf"), 0.5]])
+    assert hide_experts(scores, None) is scores and hide_experts(scores, 3) is scores
+    assert top_k_route(hide_experts(scores, 2), 1).top1() == [0, None]  # the best (index 2) is hidden
+    assert top_k_route(hide_experts(scores, 0), 1).top1() == [None, None]
