@@ -216,3 +216,12 @@ def test_the_follower_thread_picks_up_a_replaced_adapter(tmp_path):
 def test_serve_refuses_a_public_address_without_a_key(tmp_path, capsys):
     assert main(["serve", "--adapter", str(tmp_path / "a"), "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_an_adapter_made_for_another_model_is_refused(tmp_path):
+    from lemoe import AdapterError
+
+    directory = tmp_path / "adapter"
+    TestClient(create_app(_served(directory))).post("/v1/edits", json=_edit_body(records(2)))
+    with pytest.raises(AdapterError, match="another model|made for"):
+        serve_model(make_model("llama", seed=1), _tokenizer(), directory, "tiny")
