@@ -168,15 +168,20 @@ def test_bad_baseline_configs_are_refused():
         make_editor("rome", make_model("llama"), None)
 
 
-def test_comparison_runs_every_method_at_T6(tokenizer, tmp_path):
+def test_comparison_runs_every_method_at_T6(tokenizer, tmp_path, monkeypatch):
     model = make_model("llama")
     settings = BenchSettings(data="tiny", T=6, batch_size=2, generative=True)
     from conftest import tiny_config
+    from lemoe import bench
 
+    built = []
+    original = bench.Evaluator.__init__
+    monkeypatch.setattr(bench.Evaluator, "__init__", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
     configs = {"lemoe": tiny_config(), **CONFIGS}
     result = run_comparison(model, tokenizer, records(6), settings, ["lemoe", *sorted(BASELINES)], configs,
                             tmp_path / "cmp")
     assert set(result["methods"]) == {"lemoe", *BASELINES}
+    assert len(built) == 1  # the unedited model's outputs are taken once for every method
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     for method, summary in saved["methods"].items():
         assert summary["method"] == method and summary["T"] == 6

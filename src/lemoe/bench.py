@@ -143,9 +143,11 @@ def run_bench(
     config: Any = None,
     out_dir: str | Path | None = None,
     on_batch: Callable[[EditReport], None] | None = None,
+    evaluator: "Evaluator | None" = None,
 ) -> dict[str, Any]:
     """Run one protocol end to end with `settings.method` (LEMoE or a baseline, `config` of that method);
-    returns summary.json's content and writes the result directory."""
+    returns summary.json's content and writes the result directory. `evaluator`: one built on the unedited
+    model for these records (several methods share its unedited outputs instead of recomputing them)."""
     from .baselines import make_editor
 
     if settings.T > len(records):
@@ -156,7 +158,7 @@ def run_bench(
     plan = _plan(model, tokenizer, records, settings, plan_config)  # before any edit: one order for every method
     editor = make_editor(settings.method, model, tokenizer, config)
     try:
-        return _run(editor, model, tokenizer, records, settings, plan, out_dir, on_batch, started_all)
+        return _run(editor, model, tokenizer, records, settings, plan, out_dir, on_batch, started_all, evaluator)
     finally:
         editor.unload()
 
@@ -174,8 +176,9 @@ def _plan(model: nn.Module, tokenizer: Any, records: list[EditRecord], settings:
 
 def _run(editor: Any, model: nn.Module, tokenizer: Any, records: list[EditRecord], settings: BenchSettings,
          plan: OrderPlan, out_dir: str | Path | None, on_batch: Callable[[EditReport], None] | None,
-         started_all: float) -> dict[str, Any]:
-    evaluator = Evaluator(model, tokenizer, records, settings.generative)
+         started_all: float, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    if evaluator is None or evaluator.records != records or evaluator.generative != settings.generative:
+        evaluator = Evaluator(model, tokenizer, records, settings.generative)
     expert_of: dict[int, int] = {}
     batch_of: dict[int, int] = {}
     immediate: dict[int, dict[str, Any]] = {}
@@ -303,10 +306,12 @@ def run_comparison(
     every = max(1, batches // curve_points)
     summaries: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {}
+    # the unedited model's outputs, once for every method (each editor is unloaded after its run)
+    shared = Evaluator(model, tokenizer, list(records[: settings.T]), settings.generative)
     for method in methods:
         run_settings = replace(settings, method=method, protocol="curve", curve_every=every)
         summaries[method] = run_bench(model, tokenizer, records, run_settings, (configs or {}).get(method),
-                                      root / method if root is not None else None, on_batch)
+                                      root / method if root is not None else None, on_batch, shared)
         result = comparison_result(summaries)
         if root is not None:  # after every method: an interrupted comparison keeps what it measured
             write_comparison(root, result)
