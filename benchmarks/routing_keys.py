@@ -17,6 +17,12 @@ Keys (q: the query's content tokens; e: the edit prompt's content tokens, S its 
 - relation: MaxSim over R, each token weighted by how unlike every generic-negative token it is.
 - last: cos of the last content tokens.
 - subject&relation / subject&last: both must pass: min of the two scores (one threshold).
+
+--two-stage S:KEY@L routes with two thresholds (subject at layer S, the relation key at layer L); with
+--bank, a second two-stage variant offsets each edit's relation score by the best score its own subject
+reaches in other relations (lemoe/resources/relation_templates.json filled with the edit's subject; a
+template scoring >= BANK_SAME against the edit is taken for the edit's own relation and skipped): an
+edit-specific relation threshold, measured here before the router uses it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ POOLS = {  # name: (file, positive kinds, negative kinds)
     "demo": (None, ("rephrase", "chat"), ("neighbour", "same_subject")),
 }
 PER_KIND = 3  # probes of one kind per record at most
+BANK_SAME = 0.8  # a bank question scoring this high against an edit asks the edit's own relation
 
 
 class Tokens:
@@ -199,12 +206,12 @@ def curve(pos_best: torch.Tensor, pos_home: torch.Tensor, neg_best: torch.Tensor
             "home_ceiling": float(pos_home.float().mean())}
 
 
-def two_stage(subject: dict[str, torch.Tensor], relation: dict[str, torch.Tensor], pool: dict[str, Any]
-              ) -> dict[str, Any]:
+def two_stage(subject: dict[str, torch.Tensor], relation: dict[str, torch.Tensor], pool: dict[str, Any],
+              low: float = -0.2, high: float = 1.0) -> dict[str, Any]:
     """An edit fires when its subject score and its relation score both reach their thresholds; among the
     edits that fire, the best relation score wins. Over a grid of both thresholds, per (positive, negative)
     pair: the best balanced point, min(routed home, deferred)."""
-    grid_s, grid_r = torch.linspace(0.0, 1.0, 41), torch.linspace(-0.2, 1.0, 49)
+    grid_s, grid_r = torch.linspace(0.0, 1.0, 41), torch.linspace(low, high, 49)
     out: dict[str, Any] = {}
     outcome: dict[str, torch.Tensor] = {}
     for kind, probes in pool["probes"].items():
@@ -235,6 +242,26 @@ def two_stage(subject: dict[str, torch.Tensor], relation: dict[str, torch.Tensor
     return out
 
 
+def bank_offsets(tok: Any, pool: dict[str, Any], records: list[Any], key: str, layer: int, stats: Any,
+                 weight_of: Callable[[torch.Tensor], torch.Tensor], model: Any, layers: list[int]) -> torch.Tensor:
+    """(E,) per edit: the best relation score of its subject asked in another relation (0 when none)."""
+    import json as _json
+    from importlib import resources
+
+    templates = _json.loads(resources.files("lemoe").joinpath("resources/relation_templates.json").read_text())[
+        "templates"]
+    offsets = torch.zeros(len(records))
+    for j, (record, edit) in enumerate(zip(records, pool["edits"])):
+        if not record.subject:
+            continue
+        bank = [plain(tok, t.format(record.subject), record.subject) for t in templates]
+        fill_states(model, tok, bank, layers)
+        scores = score_matrix(key, bank, [edit], layer, stats, weight_of)[:, 0]  # (B,)
+        others = scores[scores < BANK_SAME]
+        offsets[j] = float(others.max()) if len(others) else 0.0
+    return offsets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/routing_keys.json")
@@ -247,6 +274,8 @@ def main() -> None:
     parser.add_argument("--sink", action="store_true", help="put the end-of-text token before every text")
     parser.add_argument("--space", action="store_true", help="put a space before every text")
     parser.add_argument("--two-stage", default="", help="SUBJECT_LAYER:RELATION_KEY@LAYER,... e.g. 1:last@8")
+    parser.add_argument("--bank", action="store_true",
+                        help="with --two-stage: also the variant with per-edit relation offsets from the bank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -305,6 +334,12 @@ def main() -> None:
                                                     all_stats[layer], weights[layer])
                                  for kind, probes in pool["probes"].items()})
             pool_result["two_stage"][spec] = two_stage(matrices[0], matrices[1], pool)
+            if args.bank:
+                offsets = bank_offsets(tok, pool, records, relation_key, int(relation_layer),
+                                       all_stats[int(relation_layer)], weights[int(relation_layer)], model, layers)
+                shifted = {kind: m - offsets[None, :] for kind, m in matrices[1].items()}
+                pool_result["two_stage"][spec + "+bank"] = two_stage(matrices[0], shifted, pool, -0.6, 0.6)
+                pool_result["bank_offset_mean"] = float(offsets.mean())
         result["pools"][name] = pool_result
         print(f"{name}: done ({time.perf_counter() - started:.0f}s)", flush=True)
     result["seconds"] = time.perf_counter() - started
