@@ -133,6 +133,8 @@ def test_a_diverging_edit_adds_nothing(tokenizer, tmp_path, monkeypatch):
     (lambda s: s["edits"][0].pop("batch"), "batch"),
     (lambda s: s["edits"][0].update(expert=7), "expert 7 does not exist"),
     (lambda s: s["edits"][1].update(prompt=None), "prompt"),
+    (lambda s: s["config"].update(layer=4), "does not fit this model"),  # found by the fuzzer
+    (lambda s: s["config"].update(lora_rank="4"), "does not fit this model"),
 ])
 def test_metadata_of_the_wrong_shape_is_refused_naming_the_field(tokenizer, tmp_path, change, field):
     _saved(tokenizer, tmp_path)

@@ -544,11 +544,13 @@ class LifelongEditor:
         check_adapter_matches(model, state, directory)
         try:
             config = LEMoEConfig.from_dict(state.config)
+            if config.resolve_layer(len(decoder_layers(model, find_layout(model)))) != state.layer:
+                raise AdapterError(f"{directory}: config layer does not match the saved layer {state.layer}")
+            editor = cls(model, tokenizer, config, output_dir=output_dir)
         except (TypeError, ValueError) as err:
-            raise AdapterError(f"{directory}: the saved config is not valid: {err}") from None
-        if config.resolve_layer(len(decoder_layers(model, find_layout(model)))) != state.layer:
-            raise AdapterError(f"{directory}: config layer does not match the saved layer {state.layer}")
-        editor = cls(model, tokenizer, config, output_dir=output_dir)
+            if isinstance(err, AdapterError):
+                raise
+            raise AdapterError(f"{directory}: the saved config does not fit this model: {err}") from None
         try:
             editor._restore(state, tensors)
         except Exception:
