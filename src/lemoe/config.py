@@ -144,8 +144,11 @@ class LEMoEConfig:
         if not isinstance(self.continuation_tokens, int) or isinstance(self.continuation_tokens, bool) \
                 or self.continuation_tokens < 0:
             raise ValueError(f"continuation_tokens must be an int >= 0, got {self.continuation_tokens!r}")
-        if not isinstance(self.chat_rows, bool):
-            raise ValueError(f"chat_rows must be true or false, got {self.chat_rows!r}")
+        for name in ("chat_rows", "early_stop", "deferral"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.min_steps, int) or self.min_steps < 0 or self.min_steps > self.max_steps:
             raise ValueError(f"min_steps must be an int in [0, max_steps={self.max_steps}], got {self.min_steps!r}")
         for name in ("lr", "lora_alpha"):

@@ -553,9 +553,11 @@ class LifelongEditor:
             raise AdapterError(f"{directory}: the saved config does not fit this model: {err}") from None
         try:
             editor._restore(state, tensors)
-        except Exception:
+        except Exception as err:
             editor.unload()
-            raise
+            if isinstance(err, AdapterError):
+                raise
+            raise AdapterError(f"{directory}: the saved adapter cannot be restored: {err}") from err
         if output_dir is not None and Path(output_dir).resolve() == Path(directory).resolve():
             repair_views(directory, state)
         return editor
