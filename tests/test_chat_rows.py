@@ -50,3 +50,40 @@ def test_chat_rows_teach_the_chat_answer_and_key_on_the_plain_prompts():
             hits += int(out[0, ids.shape[1]:].tolist() == target)
         results[chat_rows] = hits
     assert results[True] == 2 and results[True] > results[False]
+
+
+def test_length_groups_split_only_when_padding_would_waste_enough():
+    from lemoe.encoding import length_groups
+
+    assert length_groups([5, 6, 5, 7]) == [[0, 1, 2, 3]]  # similar lengths: one part
+    assert length_groups([5, 30, 6, 31, 5, 29]) == [[0, 2, 4], [1, 3, 5]]  # plain and chat rows: two parts
+    assert length_groups([9]) == [[0]]
+
+
+def test_a_batch_run_in_two_parts_trains_the_same_expert_as_one_padded_batch():
+    """Plain rows and long chat rows are run as two parts (no padding to the chat width); right padding
+    and a causal model make that exact: same steps, loss, accuracy and weights as the padded batch."""
+    from lemoe.encoding import length_groups
+    from lemoe.training import OptimiseSettings, capture_layer_inputs, optimise
+
+    tok, recs = _chat_tokenizer(), records(3)
+    tok.chat_template = "<system>You are a helpful assistant; answer in a few words, truthfully.</system>" + CHAT_TEMPLATE
+    results = []
+    for split in (False, True):
+        model = make_model("llama")
+        editor = LifelongEditor(model, tok, tiny_config())
+        batch = encode_edits(tok, model, recs, 0, continuations=[[5, 6], [7], [8, 9, 10]], chat=True)
+        assert len(length_groups(batch.attention_mask.sum(dim=1).tolist())) == 2  # the split applies
+        layer_input, _ = capture_layer_inputs(model, editor.layers, editor.layer_idx, editor.adaptor, {}, batch)
+        expert_id = editor.adaptor.add_expert(editor.adaptor.new_expert())
+        params = list(editor.adaptor.experts[expert_id].parameters())
+        settings = OptimiseSettings(lr=5e-2, max_steps=6, early_stop=False, split_by_length=split)
+        result = optimise(model, editor.layers, editor.layer_idx, batch, layer_input, params, settings,
+                          editor.adaptor.forced_route(torch.tensor([expert_id])))
+        results.append((result, [p.detach().clone() for p in params]))
+    (whole, whole_params), (parts, part_params) = results
+    assert whole.steps == parts.steps == 6
+    assert abs(whole.final_loss - parts.final_loss) < 1e-4
+    assert whole.token_accuracy == parts.token_accuracy
+    for a, b in zip(whole_params, part_params):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

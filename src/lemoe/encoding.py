@@ -33,6 +33,37 @@ class TeacherForcedBatch:
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def select(self, rows: Sequence[int]) -> tuple["TeacherForcedBatch", torch.Tensor]:
+        """These rows alone, cut to their own width (right padding makes that exact), and the (n,) indices
+        of their answer tokens in this batch, in the order the part lists them."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.input_ids.device)  # (b,)
+        width = int(self.attention_mask[index].sum(dim=1).max())
+        new_row = torch.full((self.size,), -1, dtype=torch.long, device=self.rows.device)
+        new_row[index.to(self.rows.device)] = torch.arange(len(index), device=self.rows.device)
+        tokens = (new_row[self.rows] >= 0).nonzero(as_tuple=True)[0]  # (n,)
+        part = TeacherForcedBatch(
+            self.input_ids[index, :width], self.attention_mask[index, :width], self.prompt_mask[index, :width],
+            new_row[self.rows[tokens]], self.positions[tokens], self.targets[tokens],
+            self.follows[tokens] if self.follows is not None else None,
+        )
+        return part, tokens
+
+
+def length_groups(lengths: Sequence[int], min_saving: float = 0.25) -> list[list[int]]:
+    """Rows in one group, or in two by length when padding them separately saves at least `min_saving` of
+    the padded tokens (a batch of short prompts and long chat turns): each group is then run on its own."""
+    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
+    ranked = [lengths[row] for row in order]
+    whole = len(ranked) * ranked[-1]
+    best, cut = whole, 0
+    for k in range(1, len(ranked)):
+        cost = k * ranked[k - 1] + (len(ranked) - k) * ranked[-1]
+        if cost < best:
+            best, cut = cost, k
+    if cut == 0 or best > (1 - min_saving) * whole:
+        return [list(range(len(lengths)))]
+    return [sorted(order[:cut]), sorted(order[cut:])]
+
 
 def max_context(model: nn.Module) -> int | None:
     cfg = model.config

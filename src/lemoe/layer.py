@@ -208,7 +208,7 @@ class LEMoELayer(nn.Module):
         batch, length = x.shape[:2]
         if state.forced is not None:
             state.tapped.clear()
-            experts = state.forced.to(x.device).view(batch, 1)
+            experts = state.forced.to(x.device).expand(batch).reshape(batch, 1)  # (1,) or (B,) -> (B, 1)
             return Route(experts, torch.ones(batch, 1, device=x.device))
         states = self._routing_states(x)
         if state.prompt_mask is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LEMoEConfig
-from .encoding import TeacherForcedBatch, answer_logits, mask_positions, per_row_accuracy
+from .encoding import TeacherForcedBatch, answer_logits, length_groups, mask_positions, per_row_accuracy
 from .layer import LEMoELayer
 
 
@@ -158,13 +158,22 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def replay_below(layers: nn.ModuleList, layer_idx: int, cached: torch.Tensor) -> Iterator[None]:
+def replay_below(layers: nn.ModuleList, layer_idx: int, cached: torch.Tensor
+                 ) -> Iterator[Callable[[torch.Tensor], None]]:
+    """Layers below L replay `cached`; the context gives a function that swaps in another cached input
+    (the next part of a batch run in parts)."""
     originals = [layers[i] for i in range(layer_idx)]
     as_tuple = _RETURNS_TUPLE.get(layers, False)
-    for i in range(layer_idx):
-        layers[i] = _Replay(originals[i], cached, as_tuple)
+    replays = [_Replay(originals[i], cached, as_tuple) for i in range(layer_idx)]
+    for i, replay in enumerate(replays):
+        layers[i] = replay
+
+    def use(part_input: torch.Tensor) -> None:
+        for replay in replays:
+            replay.cached = part_input
+
     try:
-        yield
+        yield use
     finally:
         for i, original in enumerate(originals):
             layers[i] = original
@@ -181,8 +190,9 @@ def train_expert(
     config: LEMoEConfig,
 ) -> TrainResult:
     """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
-    forced = torch.full((batch.size,), expert_id, dtype=torch.long)
-    settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay)
+    forced = torch.tensor([expert_id], dtype=torch.long)  # every row, whatever part of the batch runs
+    settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay,
+                                split_by_length=True)
     return optimise(model, layers, layer_idx, batch, layer_input, list(adaptor.experts[expert_id].parameters()),
                     settings, adaptor.forced_route(forced))
 
@@ -194,6 +204,8 @@ class OptimiseSettings:
     min_steps: int = 0
     early_stop: bool = True
     weight_decay: float = 0.0
+    split_by_length: bool = False  # run short and long rows as two parts (see encoding.length_groups); only
+    #                                for a `context` that does not depend on the row order (one forced expert)
 
 
 def optimise(
@@ -221,13 +233,15 @@ def optimise(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps, loss_value = 0, float("nan")
     correct = torch.zeros(0, dtype=torch.bool)
-    follows = batch.follows if batch.follows is not None and bool(batch.follows.any()) else None
+    parts, order = _parts(batch, layer_input, settings.split_by_length)
+    targets, rows = batch.targets[order], batch.rows[order]  # (N,) in the order the parts give their logits
+    follows = batch.follows[order] if batch.follows is not None and bool(batch.follows.any()) else None
     reference: torch.Tensor | None = None  # log-probs after the answer at step 0
     try:
-        with _eval_mode(model), replay_below(layers, layer_idx, layer_input), (context or nullcontext()):
+        with _eval_mode(model), replay_below(layers, layer_idx, layer_input) as replay, (context or nullcontext()):
             while True:
-                logits = answer_logits(model, batch)  # (N, V)
-                targets = batch.targets.to(logits.device)
+                logits = _answer_logits(model, parts, replay)  # (N, V)
+                targets = targets.to(logits.device)
                 if follows is None:
                     loss = F.cross_entropy(logits, targets)
                 else:  # the answer's NLL, and on what follows it, KL to the model before this optimisation
@@ -255,6 +269,34 @@ def optimise(
         for param in params:
             param.requires_grad_(False)
             param.grad = None
-    answer = batch.answer_only().to(correct.device) if correct.numel() else correct
-    accuracy = per_row_accuracy(correct[answer], batch.rows[answer.to(batch.rows.device)], batch.size).tolist()
+    answer = ~follows.to(correct.device) if follows is not None else torch.ones_like(correct)
+    accuracy = per_row_accuracy(correct[answer], rows[answer.to(rows.device)], batch.size).tolist()
     return TrainResult(steps=steps, final_loss=loss_value, token_accuracy=accuracy)
+
+
+def _parts(batch: TeacherForcedBatch, layer_input: torch.Tensor, split: bool
+           ) -> tuple[list[tuple[TeacherForcedBatch, torch.Tensor]], torch.Tensor]:
+    """The batch as parts run one after another (with their cached layer-L inputs), and the (N,) answer-
+    token order their logits come in: one part, or two by length when that saves padded tokens."""
+    groups = length_groups(batch.attention_mask.sum(dim=1).tolist()) if split else [list(range(batch.size))]
+    if len(groups) == 1:
+        return [(batch, layer_input)], torch.arange(batch.targets.numel(), device=batch.targets.device)
+    parts, orders = [], []
+    for rows in groups:
+        part, tokens = batch.select(rows)
+        index = torch.tensor(rows, device=layer_input.device)
+        parts.append((part, layer_input[index, : part.input_ids.shape[1]]))  # (b, t, d)
+        orders.append(tokens)
+    return parts, torch.cat(orders)
+
+
+def _answer_logits(model: nn.Module, parts: list[tuple[TeacherForcedBatch, torch.Tensor]],
+                   replay: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """(N, V) answer logits of every part, each run on its own cached layer-L input."""
+    if len(parts) == 1:
+        return answer_logits(model, parts[0][0])
+    logits = []
+    for part, part_input in parts:
+        replay(part_input)
+        logits.append(answer_logits(model, part))
+    return torch.cat(logits)
