@@ -17,6 +17,8 @@ Keys (q: the query's content tokens; e: the edit prompt's content tokens, S its 
 - relation: MaxSim over R, each token weighted by how unlike every generic-negative token it is.
 - last: cos of the last content tokens.
 - subject&relation / subject&last: both must pass: min of the two scores (one threshold).
+- nonsubject (two-stage only, e.g. 1:nonsubject@5): the mean state of the edit's non-subject content tokens
+  against the mean over the query's content tokens that do not match that edit's subject.
 
 --two-stage S:KEY@L routes with two thresholds (subject at layer S, the relation key at layer L); with
 --bank, a second two-stage variant offsets each edit's relation score by the best score its own subject
@@ -56,6 +58,7 @@ POOLS = {  # name: (file, positive kinds, negative kinds)
 }
 PER_KIND = 3  # probes of one kind per record at most
 BANK_SAME = 0.8  # a bank question scoring this high against an edit asks the edit's own relation
+NONSUBJECT_TAU = 0.7  # a query token matching an edit's subject this well is that subject (nonsubject key)
 
 
 class Tokens:
@@ -188,6 +191,35 @@ def score_matrix(key: str, queries: list[Tokens], edits: list[Tokens], layer: in
         for i, q in enumerate(q_units):
             best = (keys @ q.T).amax(dim=1)  # (k,)
             out[i, j] = float((best * w).sum() / w.sum().clamp(min=1e-6))
+    return out
+
+
+def nonsubject_matrix(queries: list[Tokens], edits: list[Tokens], subject_layer: int, layer: int,
+                      all_stats: dict[int, Any], tau: float = NONSUBJECT_TAU) -> torch.Tensor:
+    """(Q, E) relation score that ignores each edit's subject wherever the query names it: the mean unit state
+    at `layer` of the edit's content tokens other than its subject, against the mean over the query's
+    content tokens that do not match that edit's subject (MaxSim cosine >= tau at `subject_layer`)."""
+    mu1, sd1 = all_stats[subject_layer][:2]
+    mu, sd = all_stats[layer][:2]
+    subj = [units(e.states[subject_layer][e.subject or e.content], mu1, sd1) for e in edits]
+    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(subj)])  # (K,)
+    subj_all = torch.cat(subj)  # (K, d)
+    rel = []
+    for e in edits:
+        rest = [p for p in e.content if p not in e.subject] or e.content
+        rel.append(units(e.states[layer][rest], mu, sd).mean(0))
+    rel_keys = F.normalize(torch.stack(rel), dim=-1)  # (E, d)
+    out = torch.zeros(len(queries), len(edits))
+    for i, q in enumerate(queries):
+        q1 = units(q.states[subject_layer][q.content], mu1, sd1)  # (m, d)
+        sims = q1 @ subj_all.T  # (m, K)
+        per_edit = torch.full((len(q.content), len(edits)), -2.0).scatter_reduce(
+            1, owner.expand(len(q.content), -1), sims, reduce="amax")  # (m, E)
+        keep = (per_edit < tau).float()  # (m, E) 1 where the token is not this edit's subject
+        keep = torch.where(keep.sum(0, keepdim=True) > 0, keep, torch.ones_like(keep))
+        ql = units(q.states[layer][q.content], mu, sd)  # (m, d)
+        vec = F.normalize((keep.T @ ql) / keep.sum(0)[:, None], dim=-1)  # (E, d)
+        out[i] = (vec * rel_keys).sum(-1)
     return out
 
 
@@ -330,6 +362,11 @@ def main() -> None:
             relation_key, relation_layer = relation.split("@")
             matrices = []
             for key, layer in (("subject", int(subject_layer)), (relation_key, int(relation_layer))):
+                if key == "nonsubject":
+                    matrices.append({kind: nonsubject_matrix([t for _, t in probes], pool["edits"],
+                                                             int(subject_layer), layer, all_stats)
+                                     for kind, probes in pool["probes"].items()})
+                    continue
                 matrices.append({kind: score_matrix(key, [t for _, t in probes], pool["edits"], layer,
                                                     all_stats[layer], weights[layer])
                                  for kind, probes in pool["probes"].items()})

@@ -229,3 +229,18 @@ def test_a_failed_edit_does_not_damage_the_saved_adapter(tokenizer, tmp_path):
         editor.edit([])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert editor.num_experts == 1
+
+
+def test_an_adapter_saved_before_chat_rows_were_the_default_keeps_them_off(tokenizer, tmp_path):
+    """lemoe 0.7 trains chat rows by default; an adapter whose saved config has no `chat_rows` (lemoe <= 0.5)
+    was made without them and resumes without them, while a new config gets them."""
+    _, editor = _edited("llama", tokenizer, batches=1)
+    assert LifelongEditor(make_model("llama"), tokenizer).config.chat_rows is True
+    config = editor.config.to_dict()
+    del config["chat_rows"]
+    state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
+                                     layer=editor.layer_idx, num_experts=1, edits=editor.edits,
+                                     lemoe_version="0.5.0")
+    persistence.save_adapter(tmp_path, state, editor.adapter_tensors())
+    resumed = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path)
+    assert resumed.config.chat_rows is False

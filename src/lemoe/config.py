@@ -107,10 +107,11 @@ class LEMoEConfig:
                   "of running into another fact of its batch (0 = off)"},
     )
     chat_rows: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "also train each edit as the answer to its prompt sent as a chat user turn (models "
-                  "with a chat template), so the expert answers with the new target in chat too; keys come "
-                  "from the plain prompts only"},
+                  "with a chat template; others are unaffected), so the expert answers with the new target in "
+                  "chat too; keys come from the plain prompts only. Costs about 3x the time per edit on "
+                  "SmolLM2 (docs/results.md); adapters made before lemoe 0.7 keep it off"},
     )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 
