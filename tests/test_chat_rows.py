@@ -1,5 +1,5 @@
-"""`chat_rows`: each edit is also trained as the answer to its prompt sent as a chat user turn; keys still
-come from the plain prompts only."""
+"""`chat_rows`: each edit is also trained as the answer to its prompt sent as a chat user turn (the reply as
+the template writes it: no leading space, the end of turn after it); keys still come from the plain prompts only."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import torch
 
 from conftest import make_model, records, tiny_config, tiny_tokenizer
 from lemoe import LifelongEditor
-from lemoe.editor import chat_text, encode_edits
-from lemoe.encoding import encode_answer
+from lemoe.editor import encode_edits
+from lemoe.encoding import chat_prompt_ids, chat_reply_ids, encode_answer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+# a template that ends each turn (as SmolLM2's <|im_end|> does), with a newline after it
+ENDED_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def _chat_tokenizer():
@@ -27,12 +30,42 @@ def test_the_batch_gets_one_chat_row_per_edit_only_with_a_template():
     plain = encode_edits(tok, model, recs, 0)
     chat = encode_edits(tok, model, recs, 0, chat=True)
     assert plain.size == 3 and chat.size == 6
-    assert chat_text(tok, recs[0].prompt) == f"<user>{recs[0].prompt}<assistant>"
+    assert tok.decode(chat_prompt_ids(tok, recs[0].prompt)) == f"<user>{recs[0].prompt}<assistant>"
     assert encode_edits(tiny_tokenizer(), model, recs, 0, chat=True).size == 3  # no template: plain rows only
 
 
-def test_chat_rows_teach_the_chat_answer_and_key_on_the_plain_prompts():
+def answer_tokens(batch, row: int) -> list[int]:
+    return batch.targets[batch.rows == row].tolist()
+
+
+def test_a_chat_row_is_answered_as_the_template_writes_a_reply_and_ends_the_turn():
+    tok, model, recs = _chat_tokenizer(), make_model("llama"), records(2)
+    tok.chat_template = ENDED_TEMPLATE
+    batch = encode_edits(tok, model, recs, 0, chat=True)
+    for k, record in enumerate(recs):
+        assert answer_tokens(batch, k) == encode_answer(tok, record.target)  # plain row: " target"
+        chat_row = answer_tokens(batch, len(recs) + k)
+        assert tok.decode(chat_row) == f"{record.target.strip()}<eos>"  # no leading space; the newline after: dropped
+        prompt, reply = chat_reply_ids(tok, record.prompt, record.target)
+        assert prompt == chat_prompt_ids(tok, record.prompt) and reply == chat_row
+        row = batch.input_ids[len(recs) + k, : len(prompt)].tolist()
+        assert row == prompt  # the row is the chat prompt a client sends, then the reply
+
+
+def test_a_template_that_rewrites_the_conversation_falls_back_to_the_target_after_the_prompt():
+    tok, model, recs = _chat_tokenizer(), make_model("llama"), records(1)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")  # replies written otherwise
+    assert chat_reply_ids(tok, recs[0].prompt, recs[0].target) is None
+    batch = encode_edits(tok, model, recs, 0, chat=True)
+    assert answer_tokens(batch, 1) == encode_answer(tok, recs[0].target)
+    assert batch.input_ids[1, : batch.attention_mask[1].sum() - len(answer_tokens(batch, 1))].tolist() == \
+        chat_prompt_ids(tok, recs[0].prompt)
+
+
+def test_chat_rows_teach_the_chat_answer_and_its_end_of_turn_and_key_on_the_plain_prompts():
     tok = _chat_tokenizer()
+    tok.chat_template = ENDED_TEMPLATE
     recs = records(2)
     results = {}
     for chat_rows in (False, True):
@@ -42,8 +75,8 @@ def test_chat_rows_teach_the_chat_answer_and_key_on_the_plain_prompts():
         assert editor.adaptor.router.num_edits == 2 and len(report.routed_to_own) == 2
         hits = 0
         for record in recs:
-            ids = tok(chat_text(tok, record.prompt), return_tensors="pt")["input_ids"]
-            target = encode_answer(tok, record.target)
+            prompt, target = chat_reply_ids(tok, record.prompt, record.target)
+            ids = torch.tensor([prompt])
             with editor.adaptor.forced_route(torch.tensor([0])):  # the expert itself (routing: tested elsewhere)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)

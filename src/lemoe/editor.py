@@ -18,8 +18,8 @@ from . import __version__
 from .config import LEMoEConfig
 from .content import ContentTokens, subject_positions
 from .data import DataError, EditRecord
-from .encoding import (TeacherForcedBatch, checked_pair, encode_pairs, max_context, pad_id, pad_sequences,
-                       prompt_batch, prompt_inputs)
+from .encoding import (TeacherForcedBatch, chat_prompt_ids, chat_reply_ids, checked_ids, checked_pair, encode_answer,
+                       encode_id_pairs, max_context, pad_id, pad_sequences, prompt_batch, prompt_inputs)
 from .integrity import non_finite
 from .layer import LEMoELayer, install_route_tap, install_token_tap
 from .locks import ReadWriteLock
@@ -105,22 +105,21 @@ def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], fi
     """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt.
 
     `chat`: after the B plain rows, B more rows with each prompt sent as a chat user turn (the tokenizer's
-    template with the generation prompt), answered by the target (no continuation)."""
+    template with the generation prompt), answered by the target as the template writes an assistant's
+    reply (no leading space; the end of turn after it, so that the chat answer stops there)."""
+    limit = max_context(model)
     labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
-    prompts, targets = [r.prompt for r in records], [r.target for r in records]
+    pairs = [checked_pair(tokenizer, r.prompt, r.target, limit, label) for r, label in zip(records, labels)]
     if chat and getattr(tokenizer, "chat_template", None):
-        prompts += [chat_text(tokenizer, r.prompt) for r in records]
-        targets += targets[: len(records)]
-        labels += [f"{label}, as a chat turn" for label in labels]
+        for record, label in zip(records, labels):
+            reply = chat_reply_ids(tokenizer, record.prompt, record.target)
+            if reply is None:  # a template that rewrites the conversation: the target after the generation prompt
+                prompt_ids = chat_prompt_ids(tokenizer, record.prompt) or []
+                reply = prompt_ids, encode_answer(tokenizer, record.target)
+            pairs.append(checked_ids(*reply, record.target, limit, f"{label}, as a chat turn"))
         if continuations is not None:
             continuations = [*continuations, *([[]] * len(records))]
-    return encode_pairs(tokenizer, prompts, targets, max_context(model), labels, continuations)
-
-
-def chat_text(tokenizer: Any, question: str) -> str:
-    """`question` as a user message through the chat template, with the generation prompt, as text."""
-    return str(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                             tokenize=False))
+    return encode_id_pairs(pairs, pad_id(tokenizer), limit, continuations)
 
 
 class LifelongEditor:

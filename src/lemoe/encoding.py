@@ -88,8 +88,13 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
 def checked_pair(tokenizer: Any, prompt: str, answer: str, context_limit: int | None, label: str
                  ) -> tuple[list[int], list[int]]:
     """Prompt and answer token ids; ValueError naming `label` when either is empty or they outgrow the context."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    answer_ids = encode_answer(tokenizer, answer)
+    return checked_ids(list(tokenizer(prompt)["input_ids"]), encode_answer(tokenizer, answer), answer, context_limit,
+                       label)
+
+
+def checked_ids(prompt_ids: list[int], answer_ids: list[int], answer: str, context_limit: int | None, label: str
+                ) -> tuple[list[int], list[int]]:
+    """`checked_pair` for ids already made (a chat turn and its reply)."""
     if not prompt_ids:
         raise ValueError(f"{label}: the prompt tokenises to nothing")
     if not answer_ids:
@@ -100,6 +105,39 @@ def checked_pair(tokenizer: Any, prompt: str, answer: str, context_limit: int | 
             f"longer than the model's context of {context_limit}"
         )
     return prompt_ids, answer_ids
+
+
+def chat_prompt_ids(tokenizer: Any, question: str) -> list[int] | None:
+    """`question` as a user message through the tokenizer's chat template, with the generation prompt (what a
+    chat client sends); None when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return chat_template_ids(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+
+
+def chat_reply_ids(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]] | None:
+    """The chat prompt of `question` and the assistant's reply `answer` as the template writes it: the answer
+    without a leading space, then the template's end of turn (so that an expert trained on it stops after
+    the answer). None without a template, or when the template writes the reply so that the prompt is not a
+    prefix of the whole conversation (the caller falls back to prompt + " " + answer)."""
+    prompt = chat_prompt_ids(tokenizer, question)
+    if prompt is None:
+        return None
+    whole = chat_template_ids(tokenizer, [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer.strip()}], add_generation_prompt=False)
+    if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
+        return None
+    reply = whole[len(prompt):]
+    while len(reply) > 1 and not tokenizer.decode(reply[-1:]).strip():  # the newline after the end of turn
+        reply.pop()
+    return prompt, reply
+
+
+def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # releases that return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def encode_pairs(
@@ -114,12 +152,24 @@ def encode_pairs(
 
     `continuations` (token ids per pair) are appended after the answers as further targets, marked in
     `follows`; they are cut to the model's context rather than refused."""
+    pairs = []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        label = labels[i] if labels else f"pair {i} (prompt {prompt[:60]!r})"
+        pairs.append(checked_pair(tokenizer, prompt, answer, context_limit, label))
+    return encode_id_pairs(pairs, pad_id(tokenizer), context_limit, continuations)
+
+
+def encode_id_pairs(
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad: int,
+    context_limit: int | None = None,
+    continuations: Sequence[Sequence[int]] | None = None,
+) -> TeacherForcedBatch:
+    """A batch from (prompt ids, answer ids) pairs already checked (`checked_pair`); see `encode_pairs`."""
     sequences: list[list[int]] = []
     prompt_lengths: list[int] = []
     answer_ends: list[int] = []
-    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        label = labels[i] if labels else f"pair {i} (prompt {prompt[:60]!r})"
-        prompt_ids, answer_ids = checked_pair(tokenizer, prompt, answer, context_limit, label)
+    for i, (prompt_ids, answer_ids) in enumerate(pairs):
         following = list(continuations[i]) if continuations is not None else []
         if context_limit is not None:
             following = following[: max(0, context_limit - len(prompt_ids) - len(answer_ids))]
@@ -128,7 +178,7 @@ def encode_pairs(
         answer_ends.append(len(prompt_ids) + len(answer_ids))
     length = max(len(s) for s in sequences)
     batch = len(sequences)
-    input_ids = torch.full((batch, length), pad_id(tokenizer), dtype=torch.long)
+    input_ids = torch.full((batch, length), pad, dtype=torch.long)
     attention_mask = torch.zeros(batch, length, dtype=torch.long)
     prompt_mask = torch.zeros(batch, length, dtype=torch.long)
     rows, positions, targets, follows = [], [], [], []

@@ -33,6 +33,7 @@ from typing import Any, Protocol, Sequence
 from torch import nn
 
 from .data import EditRecord
+from .encoding import chat_prompt_ids as chat_ids
 from .encoding import encode_answer
 from .metrics import agreement, answer_predictions, greedy_from_ids, score_answers, token_accuracy
 from .probes import GENERATION, LOCALITY_KINDS, PORTABILITY_KINDS, QUESTION, REPHRASE
@@ -47,18 +48,6 @@ GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in L
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
-
-
-def chat_ids(tokenizer: Any, question: str) -> list[int] | None:
-    """The question as a user message through the chat template, with the generation prompt; None when
-    the tokenizer has no template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some releases return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 class DeferralRouter(Protocol):

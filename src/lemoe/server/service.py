@@ -22,7 +22,7 @@ import torch
 
 from ..data import EditRecord
 from ..editor import LifelongEditor
-from ..encoding import pad_id
+from ..encoding import chat_template_ids, pad_id
 from ..persistence import WEIGHTS_NAME
 
 logger = logging.getLogger("lemoe")
@@ -65,10 +65,7 @@ class ServedModel:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template: use /v1/completions")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # some releases return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_template_ids(self.tokenizer, messages, add_generation_prompt=True)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
