@@ -16,6 +16,7 @@ COLUMNS = [  # (header, section, key, unedited key)
     ("gen (tf)", "final", "gen", None),
     ("gen_gen", "generative", "gen_gen", "gen_gen"),
     ("chat_gen", "generative", "chat_gen", "chat_gen"),
+    ("chat_clean", "generative", "chat_clean", "chat_clean"),
     ("paraphrase score", "probability", "paraphrase_score", "paraphrase_score"),
     ("portability (tf)", "teacher_forced", "portability", None),
     ("loc_gen unrelated", "generative", "loc_gen_unrelated", None),

@@ -64,7 +64,7 @@ def mean_or_none(values: list[float]) -> float | None:
 def independent_scores(model: Any, tok: Any, records: list, unedited_loc: dict, kinds: tuple[str, ...]
                        ) -> dict[str, list[Any]]:
     """Every generative metric per edit, one prompt at a time."""
-    scores: dict[str, list[Any]] = {k: [] for k in ("rel_gen", "gen_gen", "chat_gen", "leak", "fluency",
+    scores: dict[str, list[Any]] = {k: [] for k in ("rel_gen", "gen_gen", "chat_gen", "chat_clean", "leak", "fluency",
                                                     *(f"loc_gen_{kind}" for kind in kinds))}
     lowered = [r.target.strip().lower() for r in records]
     for i, record in enumerate(records):
@@ -77,8 +77,13 @@ def independent_scores(model: Any, tok: Any, records: list, unedited_loc: dict, 
         scores["gen_gen"].append(mean_or_none(gen))
         asked = (record.probes_of("question") or record.probes_of("rephrase"))
         chat = chat_prompt(tok, asked[0].prompt if asked else record.prompt)
-        scores["chat_gen"].append(None if chat is None else float(
-            record.target.strip().lower() in tok.decode(greedy_alone(model, tok, chat, 32)).lower()))
+        reply = greedy_alone(model, tok, chat, 32) if chat is not None else None
+        target_text = record.target.strip().lower()
+        scores["chat_gen"].append(None if reply is None else float(target_text in tok.decode(reply).lower()))
+        # SmolLM2's end of turn is its end of sequence (<|im_end|>)
+        ended = reply.index(tok.eos_token_id) if reply is not None and tok.eos_token_id in reply else None
+        scores["chat_clean"].append(None if reply is None else float(
+            ended is not None and record.target.strip().lower() in tok.decode(reply[:ended]).lower()))
         for kind in kinds:
             same = [float(greedy_alone(model, tok, tok(p.prompt)["input_ids"], 8) == unedited_loc[(i, kind, p.prompt)])
                     for p in record.probes_of(kind)]

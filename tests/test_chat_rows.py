@@ -120,3 +120,25 @@ def test_a_batch_run_in_two_parts_trains_the_same_expert_as_one_padded_batch():
     assert whole.token_accuracy == parts.token_accuracy
     for a, b in zip(whole_params, part_params):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_chat_clean_counts_a_chat_answer_that_ends_its_turn_after_the_target():
+    """`chat_clean` (probe_metrics): with chat rows the reply is the target and the end of turn; without them
+    the chat answer, if it holds the target at all, runs on."""
+    from lemoe import EditRecord
+    from lemoe.probe_metrics import ProbeEvaluator
+
+    tok = _chat_tokenizer()
+    tok.chat_template = ENDED_TEMPLATE
+    recs = [EditRecord(prompt=r.prompt, target=r.target, subject=r.subject) for r in records(2)]  # chat asks the prompt
+    clean = {}
+    for chat_rows in (False, True):
+        model = make_model("llama")
+        evaluator = ProbeEvaluator(model, tok, recs)
+        editor = LifelongEditor(model, tok, tiny_config(max_steps=150, chat_rows=chat_rows))
+        editor.edit(recs)
+        with editor.adaptor.forced_route(torch.tensor([0])):  # the expert itself (the tiny model's routing: elsewhere)
+            scores = evaluator.evaluate(range(len(recs)))
+        assert all(not c or g for c, g in zip(scores["chat_clean"], scores["chat_gen"]))  # clean implies contains
+        clean[chat_rows] = scores["chat_clean"]
+    assert clean[True] == [1.0, 1.0] and clean[False] == [0.0, 0.0]

@@ -51,7 +51,11 @@ def independent(model: Any, tok: Any, records: list[EditRecord], unedited: dict[
         chat = tok.apply_chat_template([{"role": "user", "content": reph.prompt}], add_generation_prompt=True,
                                        tokenize=True)
         chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
-        scores["chat_gen"].append(float(record.target.lower() in tok.decode(greedy_alone(model, tok, chat, 32)).lower()))
+        reply = greedy_alone(model, tok, chat, 32)
+        scores["chat_gen"].append(float(record.target.lower() in tok.decode(reply).lower()))
+        ended = reply.index(tok.eos_token_id) if tok.eos_token_id in reply else None  # the template has no end token
+        scores["chat_clean"].append(float(ended is not None
+                                          and record.target.lower() in tok.decode(reply[:ended]).lower()))
         for kind in ("unrelated", "neighbour", "same_subject", "distracting"):
             probes = record.probes_of(kind)
             if not probes:

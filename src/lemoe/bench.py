@@ -358,7 +358,7 @@ def comparison_rows(result: dict[str, Any]) -> list[tuple[Any, ...]]:
 REPORT_GROUPS: tuple[tuple[str, tuple[tuple[str | None, str], ...]], ...] = (
     ("edit", ((None, "rel"), ("generative", "rel_gen"), ("probability", "efficacy_score"))),
     ("generalise", ((None, "gen"), ("teacher_forced", "gen_all"), ("generative", "gen_gen"),
-                    ("generative", "chat_gen"), ("probability", "paraphrase_score"),
+                    ("generative", "chat_gen"), ("generative", "chat_clean"), ("probability", "paraphrase_score"),
                     *(("teacher_forced", f"port_{k}") for k in PORTABILITY_KINDS),
                     ("teacher_forced", "portability"))),
     ("keep", ((None, "loc"), *(("teacher_forced", f"loc_{k}") for k in LOCALITY_KINDS),
@@ -384,8 +384,8 @@ def report_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, float, flo
     return rows
 
 
-COMPARISON_GENERATIVE = ("gen_gen", "chat_gen", "loc_gen_unrelated", "loc_gen_neighbour", "loc_gen_same_subject",
-                         "leak")
+COMPARISON_GENERATIVE = ("gen_gen", "chat_gen", "chat_clean", "loc_gen_unrelated", "loc_gen_neighbour",
+                         "loc_gen_same_subject", "leak")
 COMPARISON_COLUMNS = ("method", "Rel", "Gen", "Loc", "average", "exact match", *COMPARISON_GENERATIVE, "s/edit",
                       "adapter bytes")
 

@@ -156,6 +156,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("rephrase contains the target", "gen_gen", "generative", generative.get("gen_gen"), unedited.get("gen_gen")),
         ("chat answer contains the target", "chat_gen", "generative", generative.get("chat_gen"),
          unedited.get("chat_gen")),
+        ("... and ends its turn", "chat_clean", "generative", generative.get("chat_clean"),
+         unedited.get("chat_clean")),
         ("neighbours unchanged", "loc_gen_neighbour", "generative", generative.get("loc_gen_neighbour"), 1.0),
         ("same-subject facts unchanged", "loc_gen_same_subject", "generative",
          generative.get("loc_gen_same_subject"), 1.0),

@@ -133,6 +133,16 @@ def chat_reply_ids(tokenizer: Any, question: str, answer: str) -> tuple[list[int
     return prompt, reply
 
 
+def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a chat reply: the tokenizer's end of sequence and, where the template closes an
+    assistant turn with a special token of its own (Gemma's <end_of_turn>), that token."""
+    ends = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    reply = chat_reply_ids(tokenizer, "?", "a")
+    if reply is not None and reply[1][-1] in set(tokenizer.all_special_ids):
+        ends.add(int(reply[1][-1]))
+    return frozenset(ends)
+
+
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # releases that return a BatchEncoding

@@ -151,6 +151,7 @@ PROBE_FAMILIES = (
     ("edited prompt", "generative", "rel_gen"),
     ("rephrase", "generative", "gen_gen"),
     ("chat question", "generative", "chat_gen"),
+    ("chat answer ends", "generative", "chat_clean"),
     ("portability", "teacher_forced", "portability"),
     ("unrelated kept", "generative", "loc_gen_unrelated"),
     ("neighbours kept", "generative", "loc_gen_neighbour"),

@@ -7,6 +7,9 @@ Definitions (protocol `generative`, greedy decoding through `model.generate`):
   per edit, the mean over its rephrases.
 - `chat_gen`: the first rephrase (or the prompt) sent as a user message through the tokenizer's chat
   template with the generation prompt; 32 new tokens contain the target. None without a chat template.
+- `chat_clean`: the same reply ends its turn within the 32 tokens (the tokenizer's end of sequence or the
+  template's end of turn), and what comes before the end contains the target: the answer a chat user
+  reads, without the model running on (repeating the answer, or into another fact).
 - `loc_gen_<kind>`: a locality probe's 8-token continuation is the unedited model's; per edit, the mean
   over its probes of that kind.
 - `leak`: the prompt's 24-token continuation contains another edit's target (one not inside this
@@ -34,7 +37,7 @@ from torch import nn
 
 from .data import EditRecord
 from .encoding import chat_prompt_ids as chat_ids
-from .encoding import encode_answer
+from .encoding import encode_answer, end_of_turn_ids
 from .metrics import agreement, answer_predictions, greedy_from_ids, score_answers, token_accuracy
 from .probes import GENERATION, LOCALITY_KINDS, PORTABILITY_KINDS, QUESTION, REPHRASE
 
@@ -43,7 +46,8 @@ GEN_EXTRA_TOKENS = 8
 CHAT_TOKENS = 32
 LEAK_TOKENS = 24
 FLUENCY_TOKENS = 64
-GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak", "fluency")
+GENERATIVE_KEYS = ("rel_gen", "gen_gen", "chat_gen", "chat_clean", *(f"loc_gen_{k}" for k in LOCALITY_KINDS), "leak",
+                   "fluency")
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -75,6 +79,7 @@ class ProbeEvaluator:
     def __init__(self, model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.records, self.batch_size = model, tokenizer, list(records), batch_size
         self.targets = [encode_answer(tokenizer, r.target) for r in self.records]
+        self.turn_ends = end_of_turn_ids(tokenizer)
         self._unedited_outputs: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (ids, steps) -> tokens
         self._recording = True  # while the model is unedited, below
         self.decoded_last = 0  # continuations the last `evaluate` decoded (the rest: deferred, reused)
@@ -116,7 +121,8 @@ class ProbeEvaluator:
             if generation:
                 jobs.append(_Job(k, "fluency", prompt_ids(self.tokenizer, generation[0].prompt), FLUENCY_TOKENS))
         outputs = self._run(jobs)
-        scores: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in ("rel", "gen", "chat", "fluency")}
+        keys = ("rel", "gen", "chat", "chat_clean", "fluency")
+        scores: dict[str, list[list[float]]] = {key: [[] for _ in indices] for key in keys}
         for job, tokens in zip(jobs, outputs):
             i = indices[job.edit]
             if job.key == "rel":
@@ -125,12 +131,17 @@ class ProbeEvaluator:
                 hit = ngram_entropy(self.tokenizer.decode(tokens, skip_special_tokens=True))
             else:
                 hit = float(_contains(self.tokenizer.decode(tokens), self.records[i].target))
+            if job.key == "chat":
+                end = next((k for k, token in enumerate(tokens) if token in self.turn_ends), None)
+                scores["chat_clean"][job.edit].append(float(end is not None and _contains(
+                    self.tokenizer.decode(tokens[:end]), self.records[i].target)))
             scores[job.key][job.edit].append(hit)
         edited_loc = locality if locality is not None else self._locality_continuations(indices)
         result: dict[str, list[Any]] = {
             "rel_gen": list(exact_match) if exact_match is not None else [_mean_or_none(v) for v in scores["rel"]],
             "gen_gen": [_mean_or_none(v) for v in scores["gen"]],
             "chat_gen": [_mean_or_none(v) for v in scores["chat"]],
+            "chat_clean": [_mean_or_none(v) for v in scores["chat_clean"]],
         }
         for kind in LOCALITY_KINDS:
             result[f"loc_gen_{kind}"] = [
