@@ -3,7 +3,8 @@
 # One run at a time (two threads each: a second heavy process on this machine slows both many times over).
 # A run whose directory already holds summary.json is kept, so the script resumes after an interruption.
 #   bash benchmarks/todays_numbers.sh [OUT]        (default OUT: results/today_0.8; results/today_0.5 holds the
-#   lemoe 0.5/0.6 default's runs; about 3 h on 2 cores without chat rows, about 3 times that with them)
+#   lemoe 0.5/0.6 default's runs, results/today_0.7 the baselines at T=100; about 3 h on 2 cores without chat rows,
+#   about 3 times that with them)
 set -euo pipefail
 out="${1:-results/today_0.8}"
 data="${LEMOE_DATA:-../shared/data}"

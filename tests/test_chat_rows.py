@@ -57,6 +57,11 @@ def test_a_template_that_rewrites_the_conversation_falls_back_to_the_target_afte
     tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")  # replies written otherwise
     assert chat_reply_ids(tok, recs[0].prompt, recs[0].target) is None
+    refusing = _chat_tokenizer()
+    refusing.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no') }}"
+                              "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert chat_reply_ids(refusing, recs[0].prompt, recs[0].target) is None  # a template that refuses replies
     batch = encode_edits(tok, model, recs, 0, chat=True)
     assert answer_tokens(batch, 1) == encode_answer(tok, recs[0].target)
     assert batch.input_ids[1, : batch.attention_mask[1].sum() - len(answer_tokens(batch, 1))].tolist() == \

@@ -119,12 +119,16 @@ def chat_reply_ids(tokenizer: Any, question: str, answer: str) -> tuple[list[int
     """The chat prompt of `question` and the assistant's reply `answer` as the template writes it: the answer
     without a leading space, then the template's end of turn (so that an expert trained on it stops after
     the answer). None without a template, or when the template writes the reply so that the prompt is not a
-    prefix of the whole conversation (the caller falls back to prompt + " " + answer)."""
+    prefix of the whole conversation, or refuses an assistant turn (the caller falls back to prompt + " " + answer)."""
     prompt = chat_prompt_ids(tokenizer, question)
     if prompt is None:
         return None
-    whole = chat_template_ids(tokenizer, [{"role": "user", "content": question},
-                                      {"role": "assistant", "content": answer.strip()}], add_generation_prompt=False)
+    try:
+        whole = chat_template_ids(tokenizer, [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer.strip()}],
+                                  add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that refuses an assistant turn (jinja raises its own errors)
+        return None
     if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
         return None
     reply = whole[len(prompt):]
