@@ -18,7 +18,8 @@ from torch import nn
 from .data import EditRecord
 from .encoding import encode_answer
 from .metrics import greedy_from_ids
-from .probe_metrics import (CHAT_TOKENS, GEN_EXTRA_TOKENS, LOC_TOKENS, chat_ids, chat_question, prompt_ids)
+from .encoding import chat_prompt_ids
+from .probe_metrics import CHAT_TOKENS, GEN_EXTRA_TOKENS, LOC_TOKENS, chat_question, prompt_ids
 from .probes import REPHRASE
 
 # (section title, what a pass means); the order the demo prints them in
@@ -70,7 +71,7 @@ def demo_probes(tokenizer: Any, edits: Sequence[EditRecord]) -> list[DemoProbe]:
             probes.append(DemoProbe("rephrase", i, probe.prompt, edit.target, prompt_ids(tokenizer, probe.prompt),
                                     target_len + GEN_EXTRA_TOKENS))
         question = chat_question(edit)
-        chat = chat_ids(tokenizer, question)
+        chat = chat_prompt_ids(tokenizer, question)
         if chat is not None:
             probes.append(DemoProbe("chat question", i, question, edit.target, chat, CHAT_TOKENS))
         for kind, section in (("neighbour", "neighbour"), ("same_subject", "same subject")):

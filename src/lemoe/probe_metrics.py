@@ -36,8 +36,7 @@ from typing import Any, Protocol, Sequence
 from torch import nn
 
 from .data import EditRecord
-from .encoding import chat_prompt_ids as chat_ids
-from .encoding import encode_answer, end_of_turn_ids
+from .encoding import chat_prompt_ids, encode_answer, end_of_turn_ids
 from .metrics import agreement, answer_predictions, greedy_from_ids, score_answers, token_accuracy
 from .probes import GENERATION, LOCALITY_KINDS, PORTABILITY_KINDS, QUESTION, REPHRASE
 
@@ -114,7 +113,7 @@ class ProbeEvaluator:
                 jobs.append(_Job(k, "rel", prompt_ids(self.tokenizer, record.prompt), target_len))
             for probe in record.probes_of(REPHRASE):
                 jobs.append(_Job(k, "gen", prompt_ids(self.tokenizer, probe.prompt), target_len + GEN_EXTRA_TOKENS))
-            chat = chat_ids(self.tokenizer, chat_question(record))
+            chat = chat_prompt_ids(self.tokenizer, chat_question(record))
             if chat is not None:
                 jobs.append(_Job(k, "chat", chat, CHAT_TOKENS))
             generation = record.probes_of(GENERATION)
