@@ -102,7 +102,7 @@ def _config_from(args: argparse.Namespace) -> Any:
 
 
 CONFIG_FLAGS = ("layer", "route_layer", "expert", "lora_rank", "lr", "max_steps", "top_k", "key",
-                "continuation_tokens", "chat_rows")
+                "continuation_tokens", "chat_rows", "prefix_rows")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -481,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train each edit as the answer to its prompt sent as a chat user turn, so chat "
                              "questions get the new answer too; --no-chat-rows trains the plain prompt only, "
                              "about 3x faster (default: on, for models with a chat template)")
+    method.add_argument("--prefix-rows", type=NON_NEGATIVE_INT, default=None,
+                        help="also train each edit after this many short unrelated sentences, so the edit holds "
+                             "where the question follows other text (CounterFact's paraphrases, a longer "
+                             f"message); each adds a row per edit (default: {defaults.prefix_rows}, off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", parents=[common, batching, method], help="edit the built-in model with built-in facts",

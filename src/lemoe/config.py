@@ -113,6 +113,12 @@ class LEMoEConfig:
                   "chat too; keys come from the plain prompts only. Costs about 3x the time per edit on "
                   "SmolLM2 (docs/results.md); adapters made before lemoe 0.7 keep it off"},
     )
+    prefix_rows: int = field(
+        default=0,
+        metadata={"help": "also train each edit after this many short unrelated sentences (a built-in bank, "
+                  "lemoe/resources/context_prefixes.txt, rotated over edits), so that the edit holds where its "
+                  "question follows other text; keys come from the plain prompts only (0 = off)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 
     def __post_init__(self) -> None:
@@ -142,9 +148,10 @@ class LEMoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.continuation_tokens, int) or isinstance(self.continuation_tokens, bool) \
-                or self.continuation_tokens < 0:
-            raise ValueError(f"continuation_tokens must be an int >= 0, got {self.continuation_tokens!r}")
+        for name in ("continuation_tokens", "prefix_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("chat_rows", "early_stop", "deferral"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -100,16 +100,32 @@ def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditReco
         checked_pair(tokenizer, record.prompt, record.target, limit, where)
 
 
+def context_prefixes() -> list[str]:
+    """Short unrelated sentences written for lemoe, put before an edit's prompt in `prefix_rows` training rows."""
+    text = resources.files("lemoe").joinpath("resources/context_prefixes.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def prefixes_for(first_index: int, count: int, per_edit: int) -> list[list[str]]:
+    """The bank's sentences for edits first_index .. first_index + count - 1, `per_edit` each, rotated over the
+    edit numbers (so a resumed stream trains an edit on the same sentences as an uninterrupted one)."""
+    bank = context_prefixes()
+    return [[bank[((first_index + i) * per_edit + j) % len(bank)] for j in range(per_edit)] for i in range(count)]
+
+
 def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int,
-                 continuations: Sequence[Sequence[int]] | None = None, chat: bool = False) -> TeacherForcedBatch:
+                 continuations: Sequence[Sequence[int]] | None = None, chat: bool = False,
+                 prefixes: Sequence[Sequence[str]] | None = None) -> TeacherForcedBatch:
     """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt.
 
-    `chat`: after the B plain rows, B more rows with each prompt sent as a chat user turn (the tokenizer's
-    template with the generation prompt), answered by the target as the template writes an assistant's
-    reply (no leading space; the end of turn after it, so that the chat answer stops there)."""
+    Rows, in this order: the B plain prompts (keys are taken from these); with `chat`, each prompt sent as a
+    chat user turn (the tokenizer's template with the generation prompt), answered by the target as the
+    template writes an assistant's reply (no leading space; the end of turn after it, so that the chat answer
+    stops there); with `prefixes` (per edit, a list of sentences), the prompt after each sentence."""
     limit = max_context(model)
     labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
     pairs = [checked_pair(tokenizer, r.prompt, r.target, limit, label) for r, label in zip(records, labels)]
+    extra = 0
     if chat and getattr(tokenizer, "chat_template", None):
         for record, label in zip(records, labels):
             reply = chat_reply_ids(tokenizer, record.prompt, record.target)
@@ -117,8 +133,14 @@ def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], fi
                 prompt_ids = chat_prompt_ids(tokenizer, record.prompt) or []
                 reply = prompt_ids, encode_answer(tokenizer, record.target)
             pairs.append(checked_ids(*reply, record.target, limit, f"{label}, as a chat turn"))
-        if continuations is not None:
-            continuations = [*continuations, *([[]] * len(records))]
+        extra += len(records)
+    for record, label, sentences in zip(records, labels, prefixes or []):
+        for sentence in sentences:
+            pairs.append(checked_pair(tokenizer, f"{sentence} {record.prompt}", record.target, limit,
+                                      f"{label}, after the sentence {sentence[:40]!r}"))
+            extra += 1
+    if continuations is not None:
+        continuations = [*continuations, *([[]] * extra)]
     return encode_id_pairs(pairs, pad_id(tokenizer), limit, continuations)
 
 
@@ -218,8 +240,10 @@ class LifelongEditor:
         records = checked_records(records)
         started = time.perf_counter()
         continuations = self._continuations(records) if self.config.continuation_tokens else None
+        prefixes = prefixes_for(len(self.edits), len(records), self.config.prefix_rows) if self.config.prefix_rows \
+            else None
         batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations,
-                             chat=self.config.chat_rows).to(self.input_device)
+                             chat=self.config.chat_rows, prefixes=prefixes).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing states
         layer_input, states = capture_layer_inputs(self.model, self.layers, self.layer_idx, self.adaptor,
                                                    self.route_ffns, batch)
