@@ -116,6 +116,33 @@ def test_a_record_too_long_is_named_by_its_place_before_any_batch_trains(model_d
     assert not (out / WEIGHTS_NAME).exists()
 
 
+def test_a_record_whose_prefixed_row_is_too_long_is_named_before_any_batch_trains(model_dir, tmp_path, capsys):
+    """With --prefix-rows the check covers the rows the edit will train, not the plain prompt alone."""
+    from lemoe.editor import prefixes_for
+
+    tok, limit = tiny_tokenizer(), 128
+    items = [r.to_dict() for r in records(4)]
+    words = 1
+    target = len(tok(" " + items[3]["target"])["input_ids"])
+    while True:  # a prompt whose plain row fits and whose prefixed row does not
+        prompt = " ".join(["word"] * words)
+        plain = len(tok(prompt)["input_ids"]) + target
+        prefixed = len(tok(f"{prefixes_for(3, 1, 1)[0][0]} {prompt}")["input_ids"]) + target
+        if plain <= limit < prefixed:
+            break
+        assert plain <= limit, "no prompt length separates the two rows"
+        words += 1
+    items[3]["prompt"] = prompt
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(items))
+    out = tmp_path / "adapter"
+    assert main(_edit_args(data, out, model_dir, "--prefix-rows", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: record 3, after the sentence" in err and "longer than the model's context of 128" in err
+    assert not (out / WEIGHTS_NAME).exists()
+    assert main(_edit_args(data, tmp_path / "plain", model_dir)) == 0  # without prefix rows it fits
+
+
 def test_conflicting_duplicates_warn_naming_both_records_or_fail_when_strict(model_dir, tmp_path, capsys, caplog):
     data = tmp_path / "dup.jsonl"
     first, second = records(2)

@@ -92,12 +92,16 @@ def checked_records(records: Sequence[EditRecord], method: str = "edit") -> list
     return records
 
 
-def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditRecord], places: Sequence[str]) -> None:
-    """Every prompt + target fits the model's context and tokenises to something: checked for a whole file
-    before the first batch trains; the error names the record's place."""
+def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditRecord], places: Sequence[str],
+                    config: LEMoEConfig | None = None) -> None:
+    """Every row an edit trains (plain, and the chat and prefixed rows `config` asks for) fits the model's context
+    and tokenises to something: checked for a whole file before the first batch trains; the error names the
+    record's place."""
+    config = config or LEMoEConfig(chat_rows=False)
     limit = max_context(model)
-    for record, where in zip(records, places, strict=True):
-        checked_pair(tokenizer, record.prompt, record.target, limit, where)
+    for i, (record, where) in enumerate(zip(records, places, strict=True)):
+        prefixes = prefixes_for(i, 1, config.prefix_rows) if config.prefix_rows else None
+        edit_rows(tokenizer, [record], [where], limit, config.chat_rows, prefixes)
 
 
 def context_prefixes() -> list[str]:
@@ -116,16 +120,25 @@ def prefixes_for(first_index: int, count: int, per_edit: int) -> list[list[str]]
 def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], first_index: int,
                  continuations: Sequence[Sequence[int]] | None = None, chat: bool = False,
                  prefixes: Sequence[Sequence[str]] | None = None) -> TeacherForcedBatch:
-    """The teacher-forced batch of an edit batch; a bad pair is named by its edit number and prompt.
-
-    Rows, in this order: the B plain prompts (keys are taken from these); with `chat`, each prompt sent as a
-    chat user turn (the tokenizer's template with the generation prompt), answered by the target as the
-    template writes an assistant's reply (no leading space; the end of turn after it, so that the chat answer
-    stops there); with `prefixes` (per edit, a list of sentences), the prompt after each sentence."""
+    """The teacher-forced batch of an edit batch (rows: see `edit_rows`); a bad pair is named by its edit number
+    and prompt. `continuations` (per edit) follow the answers of the plain rows only."""
     limit = max_context(model)
     labels = [f"edit {first_index + i} (prompt {r.prompt[:60]!r})" for i, r in enumerate(records)]
+    pairs = edit_rows(tokenizer, records, labels, limit, chat, prefixes)
+    if continuations is not None:
+        continuations = [*continuations, *([[]] * (len(pairs) - len(records)))]
+    return encode_id_pairs(pairs, pad_id(tokenizer), limit, continuations)
+
+
+def edit_rows(tokenizer: Any, records: Sequence[EditRecord], labels: Sequence[str], limit: int | None, chat: bool,
+              prefixes: Sequence[Sequence[str]] | None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of every row an edit batch trains, checked (ValueError naming the label).
+
+    In this order: the B plain prompts (keys are taken from these); with `chat`, each prompt sent as a chat
+    user turn (the tokenizer's template with the generation prompt), answered by the target as the template
+    writes an assistant's reply (no leading space; the end of turn after it, so that the chat answer stops
+    there); with `prefixes` (per edit, a list of sentences), the prompt after each sentence."""
     pairs = [checked_pair(tokenizer, r.prompt, r.target, limit, label) for r, label in zip(records, labels)]
-    extra = 0
     if chat and getattr(tokenizer, "chat_template", None):
         for record, label in zip(records, labels):
             reply = chat_reply_ids(tokenizer, record.prompt, record.target)
@@ -133,15 +146,11 @@ def encode_edits(tokenizer: Any, model: nn.Module, records: list[EditRecord], fi
                 prompt_ids = chat_prompt_ids(tokenizer, record.prompt) or []
                 reply = prompt_ids, encode_answer(tokenizer, record.target)
             pairs.append(checked_ids(*reply, record.target, limit, f"{label}, as a chat turn"))
-        extra += len(records)
     for record, label, sentences in zip(records, labels, prefixes or []):
         for sentence in sentences:
             pairs.append(checked_pair(tokenizer, f"{sentence} {record.prompt}", record.target, limit,
                                       f"{label}, after the sentence {sentence[:40]!r}"))
-            extra += 1
-    if continuations is not None:
-        continuations = [*continuations, *([[]] * extra)]
-    return encode_id_pairs(pairs, pad_id(tokenizer), limit, continuations)
+    return pairs
 
 
 class LifelongEditor:
