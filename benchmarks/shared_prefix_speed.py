@@ -49,7 +49,7 @@ def run(model_name, device, records, batch_size, shared: bool) -> dict:
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         batch = encode_edits(tok, model, chunk, start, chat=editor.config.chat_rows)
-        tokens.append(tokens_per_step(batch, shared))
+        tokens.append((tokens_per_step(batch, True), tokens_per_step(batch, False)))
         synchronize(device)
         began = time.perf_counter()
         report = editor.edit(chunk)
@@ -57,10 +57,11 @@ def run(model_name, device, records, batch_size, shared: bool) -> dict:
         seconds += time.perf_counter() - began
         steps.append(report.steps)
     weights = [p.detach().cpu().clone() for expert in editor.adaptor.experts for p in expert.parameters()]
-    used = shared_prefix._VERIFIED.get(model)
-    return {"shared": shared, "sharing_used": bool(used) if shared else False, "edits": len(records),
+    used = shared and shared_prefix._VERIFIED.get(model) is True  # the runtime check passed: sharing ran
+    counted = [with_sharing if used else without for with_sharing, without in tokens]
+    return {"shared": shared, "sharing_used": used, "edits": len(records),
             "seconds_per_edit": seconds / len(records), "steps": steps,
-            "seconds_per_step": seconds / max(1, sum(steps)), "mean_tokens_per_step": sum(tokens) / len(tokens),
+            "seconds_per_step": seconds / max(1, sum(steps)), "mean_tokens_per_step": sum(counted) / len(counted),
             "_weights": weights}
 
 

@@ -69,13 +69,18 @@ def test_an_edit_with_prefix_rows_keys_on_the_plain_prompts_and_answers_after_a_
 
 
 def test_prefix_rows_must_be_a_count():
-    for bad in (-1, True, 1.5, "2"):
+    from lemoe.config import MAX_PREFIX_ROWS
+
+    assert len(context_prefixes()) >= MAX_PREFIX_ROWS  # every allowed count gets different sentences per edit
+    assert all(len(set(s)) == MAX_PREFIX_ROWS for s in prefixes_for(0, 3, MAX_PREFIX_ROWS))
+    for bad in (-1, True, 1.5, "2", MAX_PREFIX_ROWS + 1):
         with pytest.raises(ValueError, match="prefix_rows"):
             LEMoEConfig(prefix_rows=bad)
     assert LEMoEConfig().prefix_rows == 0
 
 
 def test_an_adapter_saved_without_prefix_rows_resumes_without_them(tokenizer, tmp_path):
+    """Guards a later change of the default: an adapter saved before prefix rows existed keeps training without."""
     editor = LifelongEditor(make_model("llama"), tokenizer, tiny_config())
     editor.edit(records(2))
     config = editor.config.to_dict()

@@ -1,5 +1,7 @@
 """lemoe.shared_prefix: rows that begin alike (chat rows: the template's system prompt) run that beginning once
-while an expert trains; every path: shared and exact, too short, no cache keyword, a failed or differing first run."""
+while an expert trains. Paths: shared and exact (llama, qwen2, gpt2), too short, no cache keyword, a first run
+that fails or gives other logits, a second run that gives other gradients. Sliding-window and softcapped models
+(Gemma 3) are covered by the runtime check only: Gemma's template has no system prompt to share."""
 
 from __future__ import annotations
 
@@ -105,6 +107,20 @@ def test_a_first_run_that_differs_or_fails_switches_sharing_off_for_that_model(f
     assert abs(result.final_loss - full.final_loss) < 1e-4  # the whole optimisation ran unshared
     for a, b in zip(params, full_params):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_a_second_run_whose_gradients_differ_switches_sharing_off(monkeypatch, caplog):
+    original = shared_prefix._shared_logits
+
+    def half_gradient(*args):  # the right logits, half the gradient: what a cache that detached part would give
+        logits = original(*args)
+        return logits.detach() + 0.5 * (logits - logits.detach())
+
+    monkeypatch.setattr(shared_prefix, "_shared_logits", half_gradient)
+    with caplog.at_level(logging.WARNING, logger="lemoe"):
+        model, _, _ = _train("llama", share=True, steps=3)
+    assert shared_prefix._VERIFIED.get(model) is False
+    assert "gradients differ" in caplog.text
 
 
 def test_an_edit_with_chat_rows_learns_the_chat_answer_with_sharing_on():

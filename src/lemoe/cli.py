@@ -197,10 +197,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
                         "restore the weights file, or pass --overwrite to start a new adapter there")
     model, tok = _load(args, args.model)
     edits = [record for _, record in placed]
-    out.mkdir(parents=True, exist_ok=True)
     editor = LifelongEditor.open(model, tok, args.out, _config_from(args) if _has_overrides(args) else None,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite)  # writes nothing until a batch is trained
     check_edits_fit(tok, model, edits, [where for where, _ in placed], editor.config)  # before batch 0 trains
+    out.mkdir(parents=True, exist_ok=True)
     reports = []
     already = len(editor.edits)
     with _progress(len(edits), "editing") as bar:

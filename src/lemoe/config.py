@@ -16,6 +16,7 @@ Pooling = Literal["content", "mean", "last"]
 RouteKey = Literal["subject", "pooled"]
 
 _EXPERT_KINDS = ("ffn", "lora")
+MAX_PREFIX_ROWS = 20  # sentences in lemoe/resources/context_prefixes.txt: more would repeat one within an edit
 _POOLINGS = ("content", "mean", "last")
 
 
@@ -148,10 +149,13 @@ class LEMoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("continuation_tokens", "prefix_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.continuation_tokens, int) or isinstance(self.continuation_tokens, bool) \
+                or self.continuation_tokens < 0:
+            raise ValueError(f"continuation_tokens must be an int >= 0, got {self.continuation_tokens!r}")
+        if not isinstance(self.prefix_rows, int) or isinstance(self.prefix_rows, bool) \
+                or not 0 <= self.prefix_rows <= MAX_PREFIX_ROWS:
+            raise ValueError(f"prefix_rows must be an int in [0, {MAX_PREFIX_ROWS}] (the sentences in lemoe's bank), "
+                             f"got {self.prefix_rows!r}")
         for name in ("chat_rows", "early_stop", "deferral"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

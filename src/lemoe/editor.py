@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -104,10 +105,11 @@ def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditReco
         edit_rows(tokenizer, [record], [where], limit, config.chat_rows, prefixes)
 
 
-def context_prefixes() -> list[str]:
+@functools.cache
+def context_prefixes() -> tuple[str, ...]:
     """Short unrelated sentences written for lemoe, put before an edit's prompt in `prefix_rows` training rows."""
     text = resources.files("lemoe").joinpath("resources/context_prefixes.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 def prefixes_for(first_index: int, count: int, per_edit: int) -> list[list[str]]:

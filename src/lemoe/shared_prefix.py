@@ -10,9 +10,10 @@ rounding.
 This is the one module where training touches a transformers KV cache, and it uses public API only:
 `DynamicCache(config=...)`, `get_seq_length`, `batch_repeat_interleave`, and the cache keyword that the
 base model's `forward` declares (`past_key_values` before transformers 5.24, `cache` after). Because a
-release could still change how a cache meets a model whose lower layers are replayed, the first shared
-run on each model is checked against the full computation; if they differ, sharing is switched off for
-that model with a warning, and training goes on unshared.
+release could still change how a cache meets a model whose lower layers are replayed, the first two
+shared runs on each model are checked against the full computation (logits at the first step, with
+the new expert still zero; logits and gradients at the second, with it trained); if they differ,
+sharing is switched off for that model with a warning, and training goes on unshared.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ logger = logging.getLogger("lemoe")
 
 MIN_SHARED_TOKENS = 8  # below this the extra pass costs more than it saves
 MIN_ROWS = 2
-_TOLERANCE = 1e-3  # largest |logit| difference accepted by the first-run check (float32 rounding is ~1e-5)
 
-# per model: None = not checked yet, True = checked and equal, False = differs (sharing off)
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# per model: absent = not checked, "logits" = logits checked with a zero expert (the first step), True = logits
+# and gradients checked with a trained one as well (the second step), False = differs or failed: sharing off
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool | str]" = weakref.WeakKeyDictionary()
 
 
 def shared_prefix_length(batch: TeacherForcedBatch) -> int:
@@ -60,25 +61,31 @@ def cache_keyword(model: nn.Module) -> str | None:
 
 
 def answer_logits_sharing_prefix(model: nn.Module, batch: TeacherForcedBatch, layer_input: torch.Tensor,
-                                 replay: Callable[[torch.Tensor | None], None]) -> torch.Tensor:
+                                 replay: Callable[[torch.Tensor | None], None],
+                                 params: list[nn.Parameter] | None = None) -> torch.Tensor:
     """(N, V) answer logits of `batch`, its shared beginning run once; the full computation where that does
-    not apply (too short, too few rows, a model without a cache keyword, or a model where the first check
-    failed). `replay` sets what the replayed layers below L return (None: run the real layers)."""
+    not apply (too short, too few rows, a model without a cache keyword, or a model where a check failed).
+    `replay` sets what the replayed layers below L return (None: run the real layers). `params` (what is
+    being trained) lets the second step's check compare gradients too."""
     shared = shared_prefix_length(batch)
     keyword = cache_keyword(model)
-    if shared < MIN_SHARED_TOKENS or keyword is None or _VERIFIED.get(model) is False:
+    state = _VERIFIED.get(model)
+    if shared < MIN_SHARED_TOKENS or keyword is None or state is False:
         replay(layer_input)
         return answer_logits(model, batch)
-    if _VERIFIED.get(model):
+    if state is True:
         return _shared_logits(model, batch, layer_input, replay, shared, keyword)
-    try:  # the first shared run on this model: checked against the full computation
+    try:  # the first two shared runs on this model are checked against the full computation
         logits = _shared_logits(model, batch, layer_input, replay, shared, keyword)
-        _VERIFIED[model] = _check_once(model, batch, layer_input, replay, logits)
+        same = _same_as_full(model, batch, layer_input, replay, logits, params if state == "logits" else None)
+        _VERIFIED[model] = ("logits" if state is None else True) if same else False
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # not a sign of a changed cache: the caller's edit fails and is rolled back, sharing stays unchecked
     except Exception as error:  # noqa: BLE001 - whatever a release changed, training must go on unshared
         _VERIFIED[model] = False
         logger.warning("training with a shared prompt beginning failed on this model (transformers %s: %s); "
                        "training runs every token from now on", _transformers_version(), error)
-    if not _VERIFIED[model]:
+    if _VERIFIED[model] is False:
         replay(layer_input)
         return answer_logits(model, batch)
     return logits
@@ -102,17 +109,37 @@ def _shared_logits(model: nn.Module, batch: TeacherForcedBatch, layer_input: tor
     return head_logits(model, states[batch.rows, batch.positions - shared])
 
 
-def _check_once(model: nn.Module, batch: TeacherForcedBatch, layer_input: torch.Tensor,
-                replay: Callable[[torch.Tensor | None], None], shared_logits: torch.Tensor) -> bool:
-    """Whether the shared run gives the full computation's logits on this model (once per model)."""
-    with torch.no_grad():
-        replay(layer_input)
-        full = answer_logits(model, batch)
-    difference = float((full - shared_logits.detach()).abs().max()) if full.numel() else 0.0
-    if difference > _TOLERANCE:
-        logger.warning("training with a shared prompt beginning differs from the full computation by %.3g on "
-                       "this model (transformers %s); training runs every token from now on", difference,
-                       _transformers_version())
+def _same_as_full(model: nn.Module, batch: TeacherForcedBatch, layer_input: torch.Tensor,
+                  replay: Callable[[torch.Tensor | None], None], shared_logits: torch.Tensor,
+                  params: list[nn.Parameter] | None) -> bool:
+    """Whether the shared run gives the full computation's logits (and, given `params`, gradients) on this
+    model, within what the logits' dtype can hold."""
+    replay(layer_input)
+    full = answer_logits(model, batch)
+    scale = float(full.detach().abs().max()) if full.numel() else 0.0
+    eps = torch.finfo(layer_input.dtype).eps if layer_input.dtype.is_floating_point else 0.0
+    tolerance = max(1e-3, 64 * eps * scale)  # float32: 1e-3; bfloat16 / float16: a few per cent of the largest
+    problems = []
+    difference = float((full.detach() - shared_logits.detach()).abs().max()) if full.numel() else 0.0
+    if difference > tolerance:
+        problems.append(f"logits differ by {difference:.3g}")
+    trainable = [p for p in params or [] if p.requires_grad]
+    if trainable and not problems:
+        weights = torch.linspace(-1, 1, full.numel(), device=full.device).reshape(full.shape)  # any fixed mix
+        grads_full = torch.autograd.grad((full * weights).sum(), trainable, allow_unused=True)
+        grads_shared = torch.autograd.grad((shared_logits * weights).sum(), trainable, allow_unused=True,
+                                           retain_graph=True)
+        for a, b in zip(grads_full, grads_shared):
+            if (a is None) != (b is None):
+                problems.append("gradients reach the trained weights on one path only")
+            elif a is not None:
+                gap = float((a - b).abs().max())
+                if gap > max(1e-3, 64 * eps * float(a.abs().max())):
+                    problems.append(f"gradients differ by {gap:.3g}")
+    if problems:
+        logger.warning("training with a shared prompt beginning differs from the full computation on this model "
+                       "(transformers %s: %s); training runs every token from now on", _transformers_version(),
+                       "; ".join(problems))
         return False
     return True
 

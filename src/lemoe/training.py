@@ -243,7 +243,7 @@ def optimise(
     try:
         with _eval_mode(model), replay_below(layers, layer_idx, layer_input) as replay, (context or nullcontext()):
             while True:
-                logits = _answer_logits(model, parts, replay, settings.share_prefix)  # (N, V)
+                logits = _answer_logits(model, parts, replay, params if settings.share_prefix else None)  # (N, V)
                 targets = targets.to(logits.device)
                 if follows is None:
                     loss = F.cross_entropy(logits, targets)
@@ -294,13 +294,15 @@ def _parts(batch: TeacherForcedBatch, layer_input: torch.Tensor, split: bool
 
 
 def _answer_logits(model: nn.Module, parts: list[tuple[TeacherForcedBatch, torch.Tensor]],
-                   replay: Callable[[torch.Tensor | None], None], share_prefix: bool) -> torch.Tensor:
-    """(N, V) answer logits of every part, each run on its own cached layer-L input; with `share_prefix`, a
-    beginning that all of a part's rows share is run once (chat rows: the template's system prompt)."""
+                   replay: Callable[[torch.Tensor | None], None], shared_for: list[nn.Parameter] | None
+                   ) -> torch.Tensor:
+    """(N, V) answer logits of every part, each run on its own cached layer-L input; with `shared_for` (the
+    parameters being trained), a beginning that all of a part's rows share is run once (chat rows: the
+    template's system prompt; lemoe.shared_prefix)."""
     logits = []
     for part, part_input in parts:
-        if share_prefix:
-            logits.append(answer_logits_sharing_prefix(model, part, part_input, replay))
+        if shared_for is not None:
+            logits.append(answer_logits_sharing_prefix(model, part, part_input, replay, shared_for))
         else:
             replay(part_input)
             logits.append(answer_logits(model, part))
