@@ -239,17 +239,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], left_pad: bool) -> tu
 def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
     """(N, V) logits at the answer positions only: the LM head never sees the other positions."""
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return head_logits(model, last_states(hidden)[batch.rows, batch.positions])
-
-
-def last_states(output: Any) -> torch.Tensor:
-    """(B, T, d) last hidden states of a base model's output (a tuple, or an output object)."""
-    return output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-
-def head_logits(model: nn.Module, picked: torch.Tensor) -> torch.Tensor:
-    """(N, V) float logits of (N, d) final hidden states, through the LM head (and its softcap, where the
-    model has one)."""
+    states = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state  # (B, T, d)
+    picked = states[batch.rows, batch.positions]  # (N, d)
     head = model.get_output_embeddings()
     logits = head(picked.to(head.weight.dtype)).float()  # (N, V)
     softcap = getattr(model.config, "final_logit_softcapping", None)

@@ -20,7 +20,6 @@ from torch import nn
 from .config import LEMoEConfig
 from .encoding import TeacherForcedBatch, answer_logits, length_groups, mask_positions, per_row_accuracy
 from .layer import LEMoELayer
-from .shared_prefix import answer_logits_sharing_prefix
 
 
 @dataclass
@@ -53,7 +52,7 @@ class _Replay(nn.Module):
             return getattr(object.__getattribute__(self, "original"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.cached is None or not object.__getattribute__(self, "mine")():  # None: run the real layer
+        if not object.__getattribute__(self, "mine")():
             return object.__getattribute__(self, "original")(hidden_states, *args, **kwargs)
         return (self.cached,) if self.as_tuple else self.cached
 
@@ -160,16 +159,16 @@ class _StopForward(Exception):
 
 @contextmanager
 def replay_below(layers: nn.ModuleList, layer_idx: int, cached: torch.Tensor
-                 ) -> Iterator[Callable[[torch.Tensor | None], None]]:
+                 ) -> Iterator[Callable[[torch.Tensor], None]]:
     """Layers below L replay `cached`; the context gives a function that swaps in another cached input
-    (the next part of a batch run in parts), or None to run the real layers (a shared prompt beginning)."""
+    (the next part of a batch run in parts)."""
     originals = [layers[i] for i in range(layer_idx)]
     as_tuple = _RETURNS_TUPLE.get(layers, False)
     replays = [_Replay(originals[i], cached, as_tuple) for i in range(layer_idx)]
     for i, replay in enumerate(replays):
         layers[i] = replay
 
-    def use(part_input: torch.Tensor | None) -> None:
+    def use(part_input: torch.Tensor) -> None:
         for replay in replays:
             replay.cached = part_input
 
@@ -193,7 +192,7 @@ def train_expert(
     """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
     forced = torch.tensor([expert_id], dtype=torch.long)  # every row, whatever part of the batch runs
     settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay,
-                                split_by_length=True, share_prefix=True)
+                                split_by_length=True)
     return optimise(model, layers, layer_idx, batch, layer_input, list(adaptor.experts[expert_id].parameters()),
                     settings, adaptor.forced_route(forced))
 
@@ -207,8 +206,6 @@ class OptimiseSettings:
     weight_decay: float = 0.0
     split_by_length: bool = False  # run short and long rows as two parts (see encoding.length_groups); only
     #                                for a `context` that does not depend on the row order (one forced expert)
-    share_prefix: bool = False  # run a beginning that all rows of a part share once (lemoe.shared_prefix); only
-    #                             for a `context` that acts on each token alone (one forced expert)
 
 
 def optimise(
@@ -243,7 +240,7 @@ def optimise(
     try:
         with _eval_mode(model), replay_below(layers, layer_idx, layer_input) as replay, (context or nullcontext()):
             while True:
-                logits = _answer_logits(model, parts, replay, params if settings.share_prefix else None)  # (N, V)
+                logits = _answer_logits(model, parts, replay)  # (N, V)
                 targets = targets.to(logits.device)
                 if follows is None:
                     loss = F.cross_entropy(logits, targets)
@@ -294,16 +291,12 @@ def _parts(batch: TeacherForcedBatch, layer_input: torch.Tensor, split: bool
 
 
 def _answer_logits(model: nn.Module, parts: list[tuple[TeacherForcedBatch, torch.Tensor]],
-                   replay: Callable[[torch.Tensor | None], None], shared_for: list[nn.Parameter] | None
-                   ) -> torch.Tensor:
-    """(N, V) answer logits of every part, each run on its own cached layer-L input; with `shared_for` (the
-    parameters being trained), a beginning that all of a part's rows share is run once (chat rows: the
-    template's system prompt; lemoe.shared_prefix)."""
+                   replay: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """(N, V) answer logits of every part, each run on its own cached layer-L input."""
+    if len(parts) == 1:
+        return answer_logits(model, parts[0][0])
     logits = []
     for part, part_input in parts:
-        if shared_for is not None:
-            logits.append(answer_logits_sharing_prefix(model, part, part_input, replay, shared_for))
-        else:
-            replay(part_input)
-            logits.append(answer_logits(model, part))
+        replay(part_input)
+        logits.append(answer_logits(model, part))
     return torch.cat(logits)
