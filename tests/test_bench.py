@@ -188,3 +188,19 @@ def test_order_sensitivity_figure(tmp_path):
         "rel": {"random (5)": [0.91, 0.95, 0.88, 0.93, 0.9], "cluster": [0.97]},
         "gen": {"random (5)": [0.71, 0.75, 0.68, 0.73, 0.7], "cluster": [0.77]}})
     assert path.stat().st_size > 1000
+
+
+def test_the_commit_is_read_once_so_commits_made_during_a_run_are_not_credited_with_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from lemoe import provenance
+
+    heads = iter(["1111111", "2222222"])
+    monkeypatch.setattr(provenance.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=next(heads) + "\n"))
+    provenance.git_commit.cache_clear()
+    try:
+        assert provenance.git_commit() == "1111111"
+        assert provenance.git_commit() == "1111111"  # HEAD moved on; the run's commit did not
+        assert provenance.provenance()["git_commit"] == "1111111"
+    finally:
+        provenance.git_commit.cache_clear()

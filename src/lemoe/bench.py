@@ -33,7 +33,7 @@ from .planning import ORDER_MODES, OrderPlan, plan_order
 from .probe_metrics import (GENERATIVE_KEYS, PROBABILITY_KEYS, TEACHER_FORCED_KEYS, ProbabilityScores,
                            ProbeEvaluator, TeacherForcedProbes, macro_average)
 from .probes import LOCALITY_KINDS, PORTABILITY_KINDS
-from .provenance import provenance
+from .provenance import git_commit, provenance
 
 logger = logging.getLogger("lemoe")
 
@@ -154,6 +154,7 @@ def run_bench(
         raise ValueError(f"T={settings.T} but the data holds only {len(records)} records")
     records = list(records[: settings.T])
     started_all = time.perf_counter()
+    git_commit()  # the code this run starts with, whatever is committed while it runs
     plan_config = config if settings.method == "lemoe" else None
     plan = _plan(model, tokenizer, records, settings, plan_config)  # before any edit: one order for every method
     editor = make_editor(settings.method, model, tokenizer, config)

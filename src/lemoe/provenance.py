@@ -6,6 +6,7 @@ Recorded with every result JSON (bench summaries, comparisons, benchmarks) and p
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
@@ -33,8 +34,10 @@ def versions() -> dict[str, str | None]:
             **{name: package_version(name) for name in TRACKED_PACKAGES}}
 
 
+@functools.cache
 def git_commit() -> str:
-    """HEAD of the lemoe checkout, or 'unknown' outside one (an installed wheel)."""
+    """HEAD of the lemoe checkout the first time a process asks (a bench asks when it starts, so commits made
+    while it runs are not credited with its results), or 'unknown' outside one (an installed wheel)."""
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).resolve().parent)
