@@ -19,6 +19,9 @@ Keys (q: the query's content tokens; e: the edit prompt's content tokens, S its 
 - subject&relation / subject&last: both must pass: min of the two scores (one threshold).
 - nonsubject (two-stage only, e.g. 1:nonsubject@5): the mean state of the edit's non-subject content tokens
   against the mean over the query's content tokens that do not match that edit's subject.
+- lastword (two-stage only, e.g. 1:lastword@5): the state of the edit's last content token that is neither
+  its subject nor a function word, against the same token of the query (query tokens that match that edit's
+  subject skipped): the relation's own last word, which questions and cloze prompts share.
 
 --two-stage S:KEY@L routes with two thresholds (subject at layer S, the relation key at layer L); with
 --bank, a second two-stage variant offsets each edit's relation score by the best score its own subject
@@ -223,6 +226,48 @@ def nonsubject_matrix(queries: list[Tokens], edits: list[Tokens], subject_layer:
     return out
 
 
+FUNCTION_WORDS = frozenset("""is was are were be been being am does did do has have had the a an of in on at to by
+with for from as into about which who whom whose what when where that this and or ? . , ' 's""".split())
+
+
+def word_mask(tok: Any, t: Tokens) -> torch.Tensor:
+    """(m,) True on the content tokens of `t` that are not function words or punctuation."""
+    return torch.tensor([tok.decode([t.ids[p]]).strip().lower() not in FUNCTION_WORDS for p in t.content])
+
+
+def lastword_matrix(tok: Any, queries: list[Tokens], edits: list[Tokens], subject_layer: int, layer: int,
+                    all_stats: dict[int, Any], tau: float = NONSUBJECT_TAU) -> torch.Tensor:
+    """(Q, E) relation score from the relation's own last word, which a question and its cloze form share
+    ("What is the capital of France?" and "The capital of France is" both end their relation on "capital"):
+    the unit state at `layer` of the edit's last content token that is neither its subject nor a function
+    word, against the same token of the query, skipping the query tokens that match that edit's subject
+    (MaxSim cosine >= tau at `subject_layer`). Falls back to the last content token where none is left."""
+    mu1, sd1 = all_stats[subject_layer][:2]
+    mu, sd = all_stats[layer][:2]
+    subj = [units(e.states[subject_layer][e.subject or e.content], mu1, sd1) for e in edits]
+    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(subj)])  # (K,)
+    subj_all = torch.cat(subj)  # (K, d)
+    keys = []
+    for e in edits:
+        words = word_mask(tok, e)
+        chosen = [p for p, w in zip(e.content, words.tolist()) if w and p not in e.subject]
+        keys.append(units(e.states[layer][(chosen or e.content)[-1]], mu, sd))
+    rel_keys = torch.stack(keys)  # (E, d)
+    out = torch.zeros(len(queries), len(edits))
+    for i, q in enumerate(queries):
+        q1 = units(q.states[subject_layer][q.content], mu1, sd1)  # (m, d)
+        sims = q1 @ subj_all.T  # (m, K)
+        per_edit = torch.full((len(q.content), len(edits)), -2.0).scatter_reduce(
+            1, owner.expand(len(q.content), -1), sims, reduce="amax")  # (m, E)
+        keep = (per_edit < tau) & word_mask(tok, q)[:, None]  # (m, E)
+        index = torch.arange(len(q.content))[:, None].expand_as(keep)
+        last = torch.where(keep, index, -1).amax(dim=0)  # (E,)
+        last = torch.where(last >= 0, last, len(q.content) - 1)
+        ql = units(q.states[layer][q.content], mu, sd)  # (m, d)
+        out[i] = (ql[last] * rel_keys).sum(-1)
+    return out
+
+
 def curve(pos_best: torch.Tensor, pos_home: torch.Tensor, neg_best: torch.Tensor) -> dict[str, Any]:
     """Over thresholds: share of positives routed home, share of negatives deferred; the area under it."""
     grid = torch.linspace(-0.2, 1.0, 121)
@@ -362,6 +407,11 @@ def main() -> None:
             relation_key, relation_layer = relation.split("@")
             matrices = []
             for key, layer in (("subject", int(subject_layer)), (relation_key, int(relation_layer))):
+                if key == "lastword":
+                    matrices.append({kind: lastword_matrix(tok, [t for _, t in probes], pool["edits"],
+                                                           int(subject_layer), layer, all_stats)
+                                     for kind, probes in pool["probes"].items()})
+                    continue
                 if key == "nonsubject":
                     matrices.append({kind: nonsubject_matrix([t for _, t in probes], pool["edits"],
                                                              int(subject_layer), layer, all_stats)
