@@ -197,16 +197,25 @@ def score_matrix(key: str, queries: list[Tokens], edits: list[Tokens], layer: in
     return out
 
 
+def subject_match(queries_item: Tokens, edits: list[Tokens], subject_layer: int, all_stats: dict[int, Any]
+                  ) -> torch.Tensor:
+    """(m, E) best cosine at `subject_layer` between each content token of the query and each edit's subject
+    tokens (MaxSim's inner max): >= NONSUBJECT_TAU marks the token as that edit's subject."""
+    mu1, sd1 = all_stats[subject_layer][:2]
+    subj = [units(e.states[subject_layer][e.subject or e.content], mu1, sd1) for e in edits]
+    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(subj)])  # (K,)
+    q1 = units(queries_item.states[subject_layer][queries_item.content], mu1, sd1)  # (m, d)
+    sims = q1 @ torch.cat(subj).T  # (m, K)
+    return torch.full((len(queries_item.content), len(edits)), -2.0).scatter_reduce(
+        1, owner.expand(len(queries_item.content), -1), sims, reduce="amax")  # (m, E)
+
+
 def nonsubject_matrix(queries: list[Tokens], edits: list[Tokens], subject_layer: int, layer: int,
                       all_stats: dict[int, Any], tau: float = NONSUBJECT_TAU) -> torch.Tensor:
     """(Q, E) relation score that ignores each edit's subject wherever the query names it: the mean unit state
     at `layer` of the edit's content tokens other than its subject, against the mean over the query's
     content tokens that do not match that edit's subject (MaxSim cosine >= tau at `subject_layer`)."""
-    mu1, sd1 = all_stats[subject_layer][:2]
     mu, sd = all_stats[layer][:2]
-    subj = [units(e.states[subject_layer][e.subject or e.content], mu1, sd1) for e in edits]
-    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(subj)])  # (K,)
-    subj_all = torch.cat(subj)  # (K, d)
     rel = []
     for e in edits:
         rest = [p for p in e.content if p not in e.subject] or e.content
@@ -214,11 +223,7 @@ def nonsubject_matrix(queries: list[Tokens], edits: list[Tokens], subject_layer:
     rel_keys = F.normalize(torch.stack(rel), dim=-1)  # (E, d)
     out = torch.zeros(len(queries), len(edits))
     for i, q in enumerate(queries):
-        q1 = units(q.states[subject_layer][q.content], mu1, sd1)  # (m, d)
-        sims = q1 @ subj_all.T  # (m, K)
-        per_edit = torch.full((len(q.content), len(edits)), -2.0).scatter_reduce(
-            1, owner.expand(len(q.content), -1), sims, reduce="amax")  # (m, E)
-        keep = (per_edit < tau).float()  # (m, E) 1 where the token is not this edit's subject
+        keep = (subject_match(q, edits, subject_layer, all_stats) < tau).float()  # (m, E) 1: not its subject
         keep = torch.where(keep.sum(0, keepdim=True) > 0, keep, torch.ones_like(keep))
         ql = units(q.states[layer][q.content], mu, sd)  # (m, d)
         vec = F.normalize((keep.T @ ql) / keep.sum(0)[:, None], dim=-1)  # (E, d)
@@ -242,11 +247,7 @@ def lastword_matrix(tok: Any, queries: list[Tokens], edits: list[Tokens], subjec
     the unit state at `layer` of the edit's last content token that is neither its subject nor a function
     word, against the same token of the query, skipping the query tokens that match that edit's subject
     (MaxSim cosine >= tau at `subject_layer`). Falls back to the last content token where none is left."""
-    mu1, sd1 = all_stats[subject_layer][:2]
     mu, sd = all_stats[layer][:2]
-    subj = [units(e.states[subject_layer][e.subject or e.content], mu1, sd1) for e in edits]
-    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(subj)])  # (K,)
-    subj_all = torch.cat(subj)  # (K, d)
     keys = []
     for e in edits:
         words = word_mask(tok, e)
@@ -255,11 +256,7 @@ def lastword_matrix(tok: Any, queries: list[Tokens], edits: list[Tokens], subjec
     rel_keys = torch.stack(keys)  # (E, d)
     out = torch.zeros(len(queries), len(edits))
     for i, q in enumerate(queries):
-        q1 = units(q.states[subject_layer][q.content], mu1, sd1)  # (m, d)
-        sims = q1 @ subj_all.T  # (m, K)
-        per_edit = torch.full((len(q.content), len(edits)), -2.0).scatter_reduce(
-            1, owner.expand(len(q.content), -1), sims, reduce="amax")  # (m, E)
-        keep = (per_edit < tau) & word_mask(tok, q)[:, None]  # (m, E)
+        keep = (subject_match(q, edits, subject_layer, all_stats) < tau) & word_mask(tok, q)[:, None]  # (m, E)
         index = torch.arange(len(q.content))[:, None].expand_as(keep)
         last = torch.where(keep, index, -1).amax(dim=0)  # (E,)
         last = torch.where(last >= 0, last, len(q.content) - 1)
