@@ -135,3 +135,25 @@ def reject_everything(router: Any) -> None:
     for name in ("thresholds", "subject_thresholds"):
         if hasattr(router, name):
             getattr(router, name).fill_(2.0)
+
+
+def save_as_older(editor: Any, directory: Path, lemoe_version: str, *missing: str) -> None:
+    """Save `editor`'s adapter as an older lemoe wrote it: its config without the fields named in `missing`."""
+    from lemoe import persistence
+
+    config = editor.config.to_dict()
+    for name in missing:
+        del config[name]
+    state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
+                                     layer=editor.layer_idx, num_experts=editor.num_experts, edits=editor.edits,
+                                     lemoe_version=lemoe_version)
+    persistence.save_adapter(directory, state, editor.adapter_tensors())
+
+
+def expert_says(editor: Any, tokenizer: Any, prompt: list[int], target: list[int], expert: int = 0) -> bool:
+    """Whether `expert`, forced on (routing is tested elsewhere), greedily continues `prompt` with exactly `target`."""
+    ids = torch.tensor([prompt])
+    with editor.adaptor.forced_route(torch.tensor([expert])):
+        out = editor.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist() == target

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from conftest import make_model, records, tiny_config, tiny_tokenizer
+from conftest import expert_says, make_model, records, tiny_config, tiny_tokenizer
 from lemoe import LifelongEditor
 from lemoe.editor import encode_edits
 from lemoe.encoding import chat_prompt_ids, chat_reply_ids, encode_answer
@@ -78,15 +78,7 @@ def test_chat_rows_teach_the_chat_answer_and_its_end_of_turn_and_key_on_the_plai
         editor = LifelongEditor(model, tok, tiny_config(max_steps=150, chat_rows=chat_rows))
         report = editor.edit(recs)
         assert editor.adaptor.router.num_edits == 2 and len(report.routed_to_own) == 2
-        hits = 0
-        for record in recs:
-            prompt, target = chat_reply_ids(tok, record.prompt, record.target)
-            ids = torch.tensor([prompt])
-            with editor.adaptor.forced_route(torch.tensor([0])):  # the expert itself (routing: tested elsewhere)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
-                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-            hits += int(out[0, ids.shape[1]:].tolist() == target)
-        results[chat_rows] = hits
+        results[chat_rows] = sum(expert_says(editor, tok, *chat_reply_ids(tok, r.prompt, r.target)) for r in recs)
     assert results[True] == 2 and results[True] > results[False]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import logits_of, make_model, records, tiny_config
+from conftest import logits_of, make_model, records, save_as_older, tiny_config
 from lemoe import AdapterError, LifelongEditor
 from lemoe import persistence
 from lemoe.persistence import CONFIG_NAME, EDITS_NAME, WEIGHTS_NAME
@@ -236,11 +236,6 @@ def test_an_adapter_saved_before_chat_rows_were_the_default_keeps_them_off(token
     was made without them and resumes without them, while a new config gets them."""
     _, editor = _edited("llama", tokenizer, batches=1)
     assert LifelongEditor(make_model("llama"), tokenizer).config.chat_rows is True
-    config = editor.config.to_dict()
-    del config["chat_rows"]
-    state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
-                                     layer=editor.layer_idx, num_experts=1, edits=editor.edits,
-                                     lemoe_version="0.5.0")
-    persistence.save_adapter(tmp_path, state, editor.adapter_tensors())
+    save_as_older(editor, tmp_path, "0.5.0", "chat_rows")
     resumed = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path)
     assert resumed.config.chat_rows is False

@@ -4,11 +4,9 @@ where its question follows other text; keys still come from the plain prompts on
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import make_model, records, tiny_config
+from conftest import expert_says, make_model, records, save_as_older, tiny_config
 from lemoe import LEMoEConfig, LifelongEditor
-from lemoe import persistence
 from lemoe.editor import context_prefixes, encode_edits, prefixes_for
 from lemoe.encoding import encode_answer
 
@@ -55,16 +53,8 @@ def test_an_edit_with_prefix_rows_keys_on_the_plain_prompts_and_answers_after_a_
         report = editor.edit(recs)
         assert editor.adaptor.router.num_edits == 2 and len(report.routed_to_own) == 2  # keys: plain prompts
         sentence = prefixes_for(0, 2, 2)[0][0]  # a sentence edit 0 trained after (when rows > 0)
-        count = 0
-        for record in recs:
-            prompt = tokenizer(f"{sentence} {record.prompt}")["input_ids"]
-            target = encode_answer(tokenizer, record.target)
-            ids = torch.tensor([prompt])
-            with editor.adaptor.forced_route(torch.tensor([0])):  # the expert itself (routing: tested elsewhere)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-            count += int(out[0, ids.shape[1]:].tolist() == target)
-        hits[rows] = count
+        hits[rows] = sum(expert_says(editor, tokenizer, tokenizer(f"{sentence} {r.prompt}")["input_ids"],
+                                     encode_answer(tokenizer, r.target)) for r in recs)
     assert hits[2] >= 1 and hits[2] >= hits[0]
 
 
@@ -83,12 +73,7 @@ def test_an_adapter_saved_without_prefix_rows_resumes_without_them(tokenizer, tm
     """Guards a later change of the default: an adapter saved before prefix rows existed keeps training without."""
     editor = LifelongEditor(make_model("llama"), tokenizer, tiny_config())
     editor.edit(records(2))
-    config = editor.config.to_dict()
-    del config["prefix_rows"]
-    state = persistence.AdapterState(config=config, base_model=editor.identity, fingerprint=editor.fingerprint,
-                                     layer=editor.layer_idx, num_experts=1, edits=editor.edits,
-                                     lemoe_version="0.8.0")
-    persistence.save_adapter(tmp_path, state, editor.adapter_tensors())
+    save_as_older(editor, tmp_path, "0.8.0", "prefix_rows")
     resumed = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path)
     assert resumed.config.prefix_rows == 0
     resumed.edit(records(2, offset=2))
