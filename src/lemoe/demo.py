@@ -16,9 +16,8 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from .data import EditRecord
-from .encoding import encode_answer
+from .encoding import chat_prompt_ids, encode_answer
 from .metrics import greedy_from_ids
-from .encoding import chat_prompt_ids
 from .probe_metrics import CHAT_TOKENS, GEN_EXTRA_TOKENS, LOC_TOKENS, chat_question, prompt_ids
 from .probes import REPHRASE
 

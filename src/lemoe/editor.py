@@ -101,8 +101,7 @@ def check_edits_fit(tokenizer: Any, model: nn.Module, records: Sequence[EditReco
     config = config or LEMoEConfig(chat_rows=False)
     limit = max_context(model)
     for i, (record, where) in enumerate(zip(records, places, strict=True)):
-        prefixes = prefixes_for(i, 1, config.prefix_rows) if config.prefix_rows else None
-        edit_rows(tokenizer, [record], [where], limit, config.chat_rows, prefixes)
+        edit_rows(tokenizer, [record], [where], limit, config.chat_rows, prefixes_for(i, 1, config.prefix_rows))
 
 
 @functools.cache
@@ -251,8 +250,7 @@ class LifelongEditor:
         records = checked_records(records)
         started = time.perf_counter()
         continuations = self._continuations(records) if self.config.continuation_tokens else None
-        prefixes = prefixes_for(len(self.edits), len(records), self.config.prefix_rows) if self.config.prefix_rows \
-            else None
+        prefixes = prefixes_for(len(self.edits), len(records), self.config.prefix_rows)  # [] per edit when off
         batch = encode_edits(self.tokenizer, self.model, records, len(self.edits), continuations,
                              chat=self.config.chat_rows, prefixes=prefixes).to(self.input_device)
         # 1. frozen pass up to layer L: the layer input (replayed while training) and the routing states
