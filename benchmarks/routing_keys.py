@@ -22,12 +22,18 @@ Keys (q: the query's content tokens; e: the edit prompt's content tokens, S its 
 - lastword (two-stage only, e.g. 1:lastword@5): the state of the edit's last content token that is neither
   its subject nor a function word, against the same token of the query (query tokens that match that edit's
   subject skipped): the relation's own last word, which questions and cloze prompts share.
+- words (two-stage only, e.g. 1:words@3): as nonsubject, over content tokens that are not function words
+  either: the relation's own words ("capital"), not the sentence's form ("What is the ... of ?" / "... is").
+- A+B (two-stage only, e.g. 1:last@5+words@3): the mean of two relation scores.
 
 --two-stage S:KEY@L routes with two thresholds (subject at layer S, the relation key at layer L); with
 --bank, a second two-stage variant offsets each edit's relation score by the best score its own subject
 reaches in other relations (lemoe/resources/relation_templates.json filled with the edit's subject; a
 template scoring >= BANK_SAME against the edit is taken for the edit's own relation and skipped): an
 edit-specific relation threshold, measured here before the router uses it.
+
+The router uses one threshold pair for every edit, whatever its data set, so each two-stage key is also
+scored across pools: the threshold pair with the best worst case over every pool's kinds (`across_pools`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, write_json  # noqa: E402
 
+from lemoe.config import LEMoEConfig  # noqa: E402
 from lemoe.data import read_edits  # noqa: E402
 from lemoe.demo import demo_edits  # noqa: E402
 from lemoe.editor import builtin_negatives  # noqa: E402
@@ -211,19 +218,24 @@ def subject_match(queries_item: Tokens, edits: list[Tokens], subject_layer: int,
 
 
 def nonsubject_matrix(queries: list[Tokens], edits: list[Tokens], subject_layer: int, layer: int,
-                      all_stats: dict[int, Any], tau: float = NONSUBJECT_TAU) -> torch.Tensor:
+                      all_stats: dict[int, Any], tau: float = NONSUBJECT_TAU, tok: Any = None) -> torch.Tensor:
     """(Q, E) relation score that ignores each edit's subject wherever the query names it: the mean unit state
     at `layer` of the edit's content tokens other than its subject, against the mean over the query's
-    content tokens that do not match that edit's subject (MaxSim cosine >= tau at `subject_layer`)."""
+    content tokens that do not match that edit's subject (MaxSim cosine >= tau at `subject_layer`). With
+    `tok`, function words and punctuation are left out on both sides too (the `words` key)."""
     mu, sd = all_stats[layer][:2]
     rel = []
     for e in edits:
-        rest = [p for p in e.content if p not in e.subject] or e.content
+        words = word_mask(tok, e).tolist() if tok is not None else [True] * len(e.content)
+        rest = [p for p, w in zip(e.content, words) if w and p not in e.subject] or e.content
         rel.append(units(e.states[layer][rest], mu, sd).mean(0))
     rel_keys = F.normalize(torch.stack(rel), dim=-1)  # (E, d)
     out = torch.zeros(len(queries), len(edits))
     for i, q in enumerate(queries):
-        keep = (subject_match(q, edits, subject_layer, all_stats) < tau).float()  # (m, E) 1: not its subject
+        keep = subject_match(q, edits, subject_layer, all_stats) < tau  # (m, E) True: not its subject
+        if tok is not None:
+            keep = keep & word_mask(tok, q)[:, None]
+        keep = keep.float()
         keep = torch.where(keep.sum(0, keepdim=True) > 0, keep, torch.ones_like(keep))
         ql = units(q.states[layer][q.content], mu, sd)  # (m, d)
         vec = F.normalize((keep.T @ ql) / keep.sum(0)[:, None], dim=-1)  # (E, d)
@@ -263,6 +275,22 @@ def lastword_matrix(tok: Any, queries: list[Tokens], edits: list[Tokens], subjec
         ql = units(q.states[layer][q.content], mu, sd)  # (m, d)
         out[i] = (ql[last] * rel_keys).sum(-1)
     return out
+
+
+def relation_scores(tok: Any, pool: dict[str, Any], key: str, layer: int, subject_layer: int,
+                    all_stats: dict[int, Any], weights: dict[int, Any]) -> dict[str, torch.Tensor]:
+    """(Q, E) per probe kind for one key at one layer (two-stage keys included)."""
+    scores = {}
+    for kind, probes in pool["probes"].items():
+        queries = [t for _, t in probes]
+        if key == "lastword":
+            scores[kind] = lastword_matrix(tok, queries, pool["edits"], subject_layer, layer, all_stats)
+        elif key in ("nonsubject", "words"):
+            scores[kind] = nonsubject_matrix(queries, pool["edits"], subject_layer, layer, all_stats,
+                                             tok=tok if key == "words" else None)
+        else:
+            scores[kind] = score_matrix(key, queries, pool["edits"], layer, all_stats[layer], weights[layer])
+    return scores
 
 
 def curve(pos_best: torch.Tensor, pos_home: torch.Tensor, neg_best: torch.Tensor) -> dict[str, Any]:
@@ -313,7 +341,30 @@ def two_stage(subject: dict[str, torch.Tensor], relation: dict[str, torch.Tensor
     i, j = divmod(k, len(grid_r))
     out["all"] = {"worst": float(worst.max()), "t_subject": float(grid_s[i]), "t_relation": float(grid_r[j]),
                   **{kind: float(v[i, j]) for kind, v in outcome.items()}}
+    out["outcome"] = outcome  # (S, R) per kind, for the across-pools score; not written to JSON
     return out
+
+
+def across_pools(outcomes: dict[str, dict[str, torch.Tensor]], low: float = -0.2, high: float = 1.0
+                 ) -> dict[str, Any]:
+    """One threshold pair for every pool, as the router has: the pair with the best worst case over every
+    pool's kinds (each (S, R) grid as `two_stage` makes them), and each pool's kinds at that pair."""
+    grid_s, grid_r = torch.linspace(0.0, 1.0, 41), torch.linspace(low, high, 49)
+    worst = torch.stack([v for kinds in outcomes.values() for v in kinds.values()]).amin(0)  # (S, R)
+    mean = torch.stack([torch.stack(list(kinds.values())).amin(0) for kinds in outcomes.values()]).mean(0)
+    i, j = divmod(int(worst.argmax()), len(grid_r))
+    m_i, m_j = divmod(int(mean.argmax()), len(grid_r))
+    default = LEMoEConfig()
+    d_i = int((grid_s - default.subject_threshold).abs().argmin())
+    d_j = int((grid_r - default.relation_threshold).abs().argmin())
+    return {"worst": float(worst.max()), "t_subject": float(grid_s[i]), "t_relation": float(grid_r[j]),
+            "at_worst": {pool: {kind: float(v[i, j]) for kind, v in kinds.items()} for pool, kinds in outcomes.items()},
+            "mean_of_pool_worsts": float(mean.max()), "t_mean": [float(grid_s[m_i]), float(grid_r[m_j])],
+            "at_mean": {pool: {kind: float(v[m_i, m_j]) for kind, v in kinds.items()}
+                        for pool, kinds in outcomes.items()},
+            "t_default": [float(grid_s[d_i]), float(grid_r[d_j])],  # lemoe's default thresholds, on the grid
+            "at_default": {pool: {kind: float(v[d_i, d_j]) for kind, v in kinds.items()}
+                           for pool, kinds in outcomes.items()}}
 
 
 def bank_offsets(tok: Any, pool: dict[str, Any], records: list[Any], key: str, layer: int, stats: Any,
@@ -365,6 +416,7 @@ def main() -> None:
     fill_states(model, tok, negative_tokens, layers)
     result: dict[str, Any] = {**header("routing_keys", args), "threads": args.threads, "n": args.n, "sink": SINK, "space": bool(SPACE),
                               "layers": layers, "pools": {}}
+    outcomes: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # spec -> pool -> kind -> (S, R)
     for name in args.pools.split(","):
         file, positives, negatives = POOLS[name]
         records = demo_edits() if file is None else read_edits(SHARED_DATA / file)[: args.n]
@@ -401,31 +453,26 @@ def main() -> None:
             all_stats[layer] = stats
         for spec in filter(None, args.two_stage.split(",")):
             subject_layer, relation = spec.split(":")
-            relation_key, relation_layer = relation.split("@")
-            matrices = []
-            for key, layer in (("subject", int(subject_layer)), (relation_key, int(relation_layer))):
-                if key == "lastword":
-                    matrices.append({kind: lastword_matrix(tok, [t for _, t in probes], pool["edits"],
-                                                           int(subject_layer), layer, all_stats)
-                                     for kind, probes in pool["probes"].items()})
-                    continue
-                if key == "nonsubject":
-                    matrices.append({kind: nonsubject_matrix([t for _, t in probes], pool["edits"],
-                                                             int(subject_layer), layer, all_stats)
-                                     for kind, probes in pool["probes"].items()})
-                    continue
-                matrices.append({kind: score_matrix(key, [t for _, t in probes], pool["edits"], layer,
-                                                    all_stats[layer], weights[layer])
-                                 for kind, probes in pool["probes"].items()})
-            pool_result["two_stage"][spec] = two_stage(matrices[0], matrices[1], pool)
+            subject = relation_scores(tok, pool, "subject", int(subject_layer), int(subject_layer), all_stats,
+                                      weights)
+            parts = [relation_scores(tok, pool, part.split("@")[0], int(part.split("@")[1]), int(subject_layer),
+                                     all_stats, weights) for part in relation.split("+")]
+            mixed = {kind: torch.stack([part[kind] for part in parts]).mean(0) for kind in subject}
+            entry = two_stage(subject, mixed, pool)
+            outcomes.setdefault(spec, {})[name] = entry.pop("outcome")
+            pool_result["two_stage"][spec] = entry
+            relation_key, relation_layer = relation.split("+")[0].split("@")
             if args.bank:
                 offsets = bank_offsets(tok, pool, records, relation_key, int(relation_layer),
                                        all_stats[int(relation_layer)], weights[int(relation_layer)], model, layers)
-                shifted = {kind: m - offsets[None, :] for kind, m in matrices[1].items()}
-                pool_result["two_stage"][spec + "+bank"] = two_stage(matrices[0], shifted, pool, -0.6, 0.6)
+                shifted = {kind: m - offsets[None, :] for kind, m in mixed.items()}
+                banked = two_stage(subject, shifted, pool, -0.6, 0.6)
+                banked.pop("outcome")
+                pool_result["two_stage"][spec + "+bank"] = banked
                 pool_result["bank_offset_mean"] = float(offsets.mean())
         result["pools"][name] = pool_result
         print(f"{name}: done ({time.perf_counter() - started:.0f}s)", flush=True)
+    result["across_pools"] = {spec: across_pools(by_pool) for spec, by_pool in outcomes.items()}
     result["seconds"] = time.perf_counter() - started
     write_json(args.out, result)
     for name, pool_result in result["pools"].items():
@@ -436,6 +483,14 @@ def main() -> None:
         for spec, entry in pool_result["two_stage"].items():
             cells = "  ".join(f"{pair}: bal {c['balanced']:.3f}" for pair, c in entry.items() if pair != "all")
             print(f"  two-stage {spec:18s} {cells}  | one pair for all: {entry['all']}")
+    for spec, entry in result["across_pools"].items():
+        print(f"\nacross pools {spec}: worst {entry['worst']:.3f} at ({entry['t_subject']:.3f}, "
+              f"{entry['t_relation']:.3f}); mean of pool worsts {entry['mean_of_pool_worsts']:.3f} at {entry['t_mean']}")
+        for pool_name, kinds in entry["at_worst"].items():
+            print(f"  {pool_name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
+        print(f"  at lemoe's default thresholds {entry['t_default']}:")
+        for pool_name, kinds in entry["at_default"].items():
+            print(f"  {pool_name:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
 
 
 if __name__ == "__main__":
