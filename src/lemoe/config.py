@@ -14,10 +14,12 @@ logger = logging.getLogger("lemoe")
 ExpertKind = Literal["ffn", "lora"]
 Pooling = Literal["content", "mean", "last"]
 RouteKey = Literal["subject", "pooled"]
+TrainPrecision = Literal["float32", "bfloat16"]
 
 _EXPERT_KINDS = ("ffn", "lora")
 MAX_PREFIX_ROWS = 20  # sentences in lemoe/resources/context_prefixes.txt: more would repeat one within an edit
 _POOLINGS = ("content", "mean", "last")
+_TRAIN_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -120,6 +122,14 @@ class LEMoEConfig:
                   "lemoe/resources/context_prefixes.txt, rotated over edits), so that the edit holds where its "
                   "question follows other text; keys come from the plain prompts only (0 = off)"},
     )
+    train_precision: TrainPrecision = field(
+        default="float32",
+        metadata={"help": "'bfloat16': run the frozen layers of each training step under bfloat16 autocast "
+                  "(expert weights stay float32); 1.2-1.5x faster per edit, same quality, measured on a CPU with "
+                  "AVX-512 BF16 (docs/results.md). The early stop is confirmed in float32, and training goes on in float32 where it does "
+                  "not hold, so an edit that stops is answered at full precision. 'float32': every step in "
+                  "the model's own dtype"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 
     def __post_init__(self) -> None:
@@ -156,6 +166,8 @@ class LEMoEConfig:
                 or not 0 <= self.prefix_rows <= MAX_PREFIX_ROWS:
             raise ValueError(f"prefix_rows must be an int in [0, {MAX_PREFIX_ROWS}] (the sentences in lemoe's bank), "
                              f"got {self.prefix_rows!r}")
+        if self.train_precision not in _TRAIN_PRECISIONS:
+            raise ValueError(f"train_precision must be one of {_TRAIN_PRECISIONS}, got {self.train_precision!r}")
         for name in ("chat_rows", "early_stop", "deferral"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

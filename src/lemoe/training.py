@@ -192,7 +192,8 @@ def train_expert(
     """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
     forced = torch.tensor([expert_id], dtype=torch.long)  # every row, whatever part of the batch runs
     settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay,
-                                split_by_length=True)
+                                split_by_length=True,
+                                autocast=torch.bfloat16 if config.train_precision == "bfloat16" else None)
     return optimise(model, layers, layer_idx, batch, layer_input, list(adaptor.experts[expert_id].parameters()),
                     settings, adaptor.forced_route(forced))
 
@@ -206,6 +207,8 @@ class OptimiseSettings:
     weight_decay: float = 0.0
     split_by_length: bool = False  # run short and long rows as two parts (see encoding.length_groups); only
     #                                for a `context` that does not depend on the row order (one forced expert)
+    autocast: torch.dtype | None = None  # run the forward passes under autocast to this dtype until the
+    #                                      stop, which one full-precision pass then confirms
 
 
 def optimise(
@@ -226,7 +229,9 @@ def optimise(
     own distribution at the first step (KL), which is the unedited model's when `params` start as a
     zero function (a new expert does). Stops early once every answer token is the argmax (after
     `min_steps`). `after_step` runs after each update (a projection or a gradient mask, for methods
-    that need one).
+    that need one). With `settings.autocast`, the passes run in that dtype until they would stop;
+    then the same parameters are scored again at full precision, which decides: stop, or go on at
+    full precision, so the stop and the reported accuracy are always full precision's.
     """
     for param in params:
         param.requires_grad_(True)
@@ -239,8 +244,10 @@ def optimise(
     reference: torch.Tensor | None = None  # log-probs after the answer at step 0
     try:
         with _eval_mode(model), replay_below(layers, layer_idx, layer_input) as replay, (context or nullcontext()):
+            precision = settings.autocast
             while True:
-                logits = _answer_logits(model, parts, replay)  # (N, V)
+                with lowered_precision(layer_input.device, precision):
+                    logits = _answer_logits(model, parts, replay)  # (N, V)
                 targets = targets.to(logits.device)
                 if follows is None:
                     loss = F.cross_entropy(logits, targets)
@@ -255,6 +262,9 @@ def optimise(
                 loss_value = float(loss.detach())
                 answered = bool(correct.all()) if follows is None else bool(correct[~follows].all())
                 done = settings.early_stop and answered and steps >= settings.min_steps
+                if (done or steps >= settings.max_steps) and precision is not None:
+                    precision = None  # the same parameters once more at full precision: it decides
+                    continue
                 if done or steps >= settings.max_steps:
                     break
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # an unchosen expert gets None
@@ -272,6 +282,12 @@ def optimise(
     answer = ~follows.to(correct.device) if follows is not None else torch.ones_like(correct)
     accuracy = per_row_accuracy(correct[answer], rows[answer.to(rows.device)], batch.size).tolist()
     return TrainResult(steps=steps, final_loss=loss_value, token_accuracy=accuracy)
+
+
+def lowered_precision(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
+    """Autocast to `dtype` on `device`'s kind (no-op for None): matrix products of the frozen layers run in
+    it, parameters keep their dtype."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _parts(batch: TeacherForcedBatch, layer_input: torch.Tensor, split: bool
