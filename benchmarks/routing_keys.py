@@ -402,6 +402,8 @@ def main() -> None:
     parser.add_argument("--bank", action="store_true",
                         help="with --two-stage: also the variant with per-edit relation offsets from the bank")
     args = parser.parse_args()
+    if args.bank and "+" in args.two_stage:
+        parser.error("--bank offsets one relation key; it does not apply to a mixed key (A+B)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model()
@@ -461,8 +463,8 @@ def main() -> None:
             entry = two_stage(subject, mixed, pool)
             outcomes.setdefault(spec, {})[name] = entry.pop("outcome")
             pool_result["two_stage"][spec] = entry
-            relation_key, relation_layer = relation.split("+")[0].split("@")
-            if args.bank:
+            if args.bank:  # one relation key here (checked at start)
+                relation_key, relation_layer = relation.split("@")
                 offsets = bank_offsets(tok, pool, records, relation_key, int(relation_layer),
                                        all_stats[int(relation_layer)], weights[int(relation_layer)], model, layers)
                 shifted = {kind: m - offsets[None, :] for kind, m in mixed.items()}

@@ -39,7 +39,8 @@ def test_bfloat16_steps_run_under_autocast_and_the_stop_is_decided_at_full_preci
     assert seen.count(False) >= 1 and len(seen) >= report.steps + 1
     assert report.train_accuracy == [1.0, 1.0]
     for record in recs:  # the reported accuracy is full precision's: the expert really answers
-        assert expert_says(editor, tokenizer, tokenizer(record.prompt)["input_ids"], encode_answer(tokenizer, record.target))
+        prompt = tokenizer(record.prompt)["input_ids"]
+        assert expert_says(editor, tokenizer, prompt, encode_answer(tokenizer, record.target))
 
 
 def test_when_full_precision_disagrees_with_the_autocast_stop_training_goes_on_at_full_precision(tokenizer,

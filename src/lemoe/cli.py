@@ -486,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "where the question follows other text (CounterFact's paraphrases, a longer "
                              f"message); each adds a row per edit (default: {defaults.prefix_rows}, off)")
     method.add_argument("--train-precision", choices=["float32", "bfloat16"], default=None,
-                        help="'bfloat16' runs each training step under bfloat16 autocast: 1.2-1.5x faster per edit at the "
-                             "same quality, measured on a CPU with AVX-512 BF16; the stop is confirmed in float32 "
+                        help="'bfloat16' runs each training step under bfloat16 autocast: 1.2-1.5x faster per "
+                             "edit at the same quality, measured on a CPU with AVX-512 BF16; the stop is confirmed "
+                             "in float32 "
                              f"(default: {defaults.train_precision})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

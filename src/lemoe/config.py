@@ -126,9 +126,9 @@ class LEMoEConfig:
         default="float32",
         metadata={"help": "'bfloat16': run the frozen layers of each training step under bfloat16 autocast "
                   "(expert weights stay float32); 1.2-1.5x faster per edit, same quality, measured on a CPU with "
-                  "AVX-512 BF16 (docs/results.md). The early stop is confirmed in float32, and training goes on in float32 where it does "
-                  "not hold, so an edit that stops is answered at full precision. 'float32': every step in "
-                  "the model's own dtype"},
+                  "AVX-512 BF16 (docs/results.md). The early stop is confirmed in float32, and training goes on in "
+                  "float32 where it does not hold, so an edit that stops is answered at full precision. "
+                  "'float32': every step in the model's own dtype"},
     )
     seed: int = field(default=0, metadata={"help": "seed of expert and projection initialisation"})
 

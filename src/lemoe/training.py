@@ -262,11 +262,11 @@ def optimise(
                 loss_value = float(loss.detach())
                 answered = bool(correct.all()) if follows is None else bool(correct[~follows].all())
                 done = settings.early_stop and answered and steps >= settings.min_steps
-                if (done or steps >= settings.max_steps) and precision is not None:
+                if done or steps >= settings.max_steps:
+                    if precision is None:
+                        break
                     precision = None  # the same parameters once more at full precision: it decides
                     continue
-                if done or steps >= settings.max_steps:
-                    break
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # an unchosen expert gets None
                 for param, grad in zip(params, grads):
                     param.grad = grad
