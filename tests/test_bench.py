@@ -75,6 +75,8 @@ def test_protocol_end_to_end_on_a_tiny_model(tokenizer, tmp_path, protocol):
     assert versions["transformers"] == transformers.__version__
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert all(versions[k] for k in ("python", "lemoe", "tokenizers", "safetensors")) and summary["git_commit"]
+    assert summary["cpu"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()  # timings depend on it
+    assert summary["cpu"]["model"] and summary["cpu"]["native_bfloat16"] in (True, False, None)
     lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and sorted(e["index"] for e in lines) == list(range(20))
     assert all(e["routed_expert"] == e["expert"] for e in lines)
@@ -204,3 +206,12 @@ def test_the_commit_is_read_once_so_commits_made_during_a_run_are_not_credited_w
         assert provenance.provenance()["git_commit"] == "1111111"
     finally:
         provenance.git_commit.cache_clear()
+
+
+def test_bfloat16_units_are_read_off_the_cpu_flags(monkeypatch):
+    from lemoe import provenance
+
+    for flags, native in ((frozenset({"avx2", "fma"}), False), (frozenset({"avx512f", "avx512_bf16"}), True),
+                          (frozenset({"amx_bf16"}), True), (frozenset({"asimd", "bf16"}), True), (None, None)):
+        monkeypatch.setattr(provenance, "cpu_flags", lambda flags=flags: flags)
+        assert provenance.native_bfloat16_cpu() is native

@@ -74,3 +74,18 @@ def test_train_precision_is_validated_set_by_the_cli_and_defaults_to_float32_for
     save_as_older(editor, tmp_path, "0.9.0", "train_precision")
     resumed = LifelongEditor.open(make_model("llama"), tokenizer, tmp_path)
     assert resumed.config.train_precision == "float32"
+
+
+@pytest.mark.parametrize("native", [False, True, None])
+def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about(tokenizer, monkeypatch, caplog, native):
+    import lemoe.editor
+
+    monkeypatch.setattr(lemoe.editor, "native_bfloat16_cpu", lambda: native)
+    with caplog.at_level("WARNING", logger="lemoe"):
+        LifelongEditor(make_model("llama"), tokenizer, tiny_config(train_precision="bfloat16"))
+    warned = [r.getMessage() for r in caplog.records if "bfloat16 units" in r.getMessage()]
+    assert bool(warned) == (native is False)  # unknown (None): no claim either way
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lemoe"):
+        LifelongEditor(make_model("llama"), tokenizer, tiny_config())  # float32: nothing to warn about
+    assert not [r for r in caplog.records if "bfloat16 units" in r.getMessage()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 # Public names are imported on first use (PEP 562), so `lemoe --help` and Ctrl-C at start-up stay
 # instant: torch and transformers load only when a command needs them.

@@ -102,6 +102,12 @@ class LEMoEConfig:
     max_steps: int = field(default=40, metadata={"help": "upper bound on optimisation steps per batch"})
     min_steps: int = field(default=2, metadata={"help": "steps taken even if every target token is already the argmax"})
     early_stop: bool = field(default=True, metadata={"help": "stop once every target token is the argmax"})
+    stop_confidence: float = field(
+        default=0.9,
+        metadata={"help": "... and has at least this probability (teacher-forced, every training row): the "
+                  "extra steps make rephrases and chat questions hold more often, at 1.35-1.45x the time per "
+                  "edit (docs/results.md); 0 = the argmax alone, as adapters made before lemoe 0.11 keep"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     continuation_tokens: int = field(
         default=0,
@@ -166,6 +172,9 @@ class LEMoEConfig:
                 or not 0 <= self.prefix_rows <= MAX_PREFIX_ROWS:
             raise ValueError(f"prefix_rows must be an int in [0, {MAX_PREFIX_ROWS}] (the sentences in lemoe's bank), "
                              f"got {self.prefix_rows!r}")
+        if not isinstance(self.stop_confidence, (int, float)) or isinstance(self.stop_confidence, bool) \
+                or not 0 <= self.stop_confidence < 1:
+            raise ValueError(f"stop_confidence must be a probability in [0, 1), got {self.stop_confidence!r}")
         if self.train_precision not in _TRAIN_PRECISIONS:
             raise ValueError(f"train_precision must be one of {_TRAIN_PRECISIONS}, got {self.train_precision!r}")
         for name in ("chat_rows", "early_stop", "deferral"):

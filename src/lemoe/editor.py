@@ -31,6 +31,7 @@ from .persistence import (WEIGHTS_NAME, AdapterError, AdapterState, check_expert
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
 from .subject_router import content_queries
+from .provenance import cpu_model, native_bfloat16_cpu
 from .training import capture_ffn_inputs, capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")
@@ -208,6 +209,10 @@ class LifelongEditor:
         self._negatives: torch.Tensor | None = None
         self._negative_query: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self._attached = True
+        if self.config.train_precision == "bfloat16" and self.device.type == "cpu" and native_bfloat16_cpu() is False:
+            logger.warning("train_precision 'bfloat16' on a CPU without bfloat16 units (%s): each training step will "
+                           "be several times slower than in float32 (a bfloat16 matrix product ran 6-7x slower on "
+                           "such a CPU, docs/results.md); use 'float32' here", cpu_model())
 
     # ------------------------------------------------------------------ properties
 

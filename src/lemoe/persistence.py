@@ -276,6 +276,7 @@ def _state_from(raw: dict[str, Any], version: int, weights: Path) -> AdapterStat
         raw["config"].setdefault("chat_rows", False)  # saved before lemoe 0.7 made it the default
         raw["config"].setdefault("prefix_rows", 0)  # saved before lemoe 0.9 had them
         raw["config"].setdefault("train_precision", "float32")  # saved before lemoe 0.10 had it
+        raw["config"].setdefault("stop_confidence", 0.0)  # saved before lemoe 0.11 had it
     return AdapterState(
         config=raw["config"], base_model=raw["base_model"], fingerprint=fingerprint, layer=raw["layer"],
         num_experts=raw["num_experts"], edits=edits, lemoe_version=str(raw.get("lemoe_version", "")),

@@ -46,6 +46,46 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo), or None elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86, ARM
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def native_bfloat16_cpu() -> bool | None:
+    """Whether the CPU has bfloat16 matrix units (x86 AVX-512 BF16 or AMX, ARM BF16): without them a
+    bfloat16 matrix product ran 6-7x slower than float32 here (docs/results.md). None: not known."""
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_description() -> dict[str, Any]:
+    """What a CPU timing depends on: the model, the instruction set PyTorch uses, bfloat16 units."""
+    import torch
+
+    return {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bfloat16": native_bfloat16_cpu()}
+
+
 def provenance() -> dict[str, Any]:
     """What every result JSON records beside its numbers."""
     import torch
@@ -53,6 +93,7 @@ def provenance() -> dict[str, Any]:
     return {
         "threads": torch.get_num_threads(),
         "machine": f"{platform.system()} {platform.machine()}",
+        "cpu": cpu_description(),
         "lemoe_version": __version__,
         "torch_version": torch.__version__,
         "versions": versions(),

@@ -7,6 +7,7 @@ returns the cached layer-L input. Logits are computed at answer positions only.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -192,7 +193,7 @@ def train_expert(
     """Minimise the NLL of the answer tokens with only `adaptor.experts[expert_id]` trainable."""
     forced = torch.tensor([expert_id], dtype=torch.long)  # every row, whatever part of the batch runs
     settings = OptimiseSettings(config.lr, config.max_steps, config.min_steps, config.early_stop, config.weight_decay,
-                                split_by_length=True,
+                                split_by_length=True, confidence=config.stop_confidence,
                                 autocast=torch.bfloat16 if config.train_precision == "bfloat16" else None)
     return optimise(model, layers, layer_idx, batch, layer_input, list(adaptor.experts[expert_id].parameters()),
                     settings, adaptor.forced_route(forced))
@@ -209,6 +210,8 @@ class OptimiseSettings:
     #                                for a `context` that does not depend on the row order (one forced expert)
     autocast: torch.dtype | None = None  # run the forward passes under autocast to this dtype until the
     #                                      stop, which one full-precision pass then confirms
+    confidence: float = 0.0  # an answer token counts as learnt (for the stop) once it is the argmax with at
+    #                          least this probability; 0: once it is the argmax
 
 
 def optimise(
@@ -228,10 +231,13 @@ def optimise(
     Where the batch has tokens after the answers (`batch.follows`), those are held to the model's
     own distribution at the first step (KL), which is the unedited model's when `params` start as a
     zero function (a new expert does). Stops early once every answer token is the argmax (after
-    `min_steps`). `after_step` runs after each update (a projection or a gradient mask, for methods
-    that need one). With `settings.autocast`, the passes run in that dtype until they would stop;
-    then the same parameters are scored again at full precision, which decides: stop, or go on at
-    full precision, so the stop and the reported accuracy are always full precision's.
+    `min_steps`; with `settings.confidence`, the argmax with at least that probability, and where that
+    bar is not met by `max_steps` and the argmax was lost on the way, the parameters of the last pass
+    that had it are put back, so the bar never leaves an edit worse than the argmax stop). `after_step`
+    runs after each update (a projection or a gradient mask, for methods that need one). With
+    `settings.autocast`, the passes run in that dtype until they would stop; then the same parameters
+    are scored again at full precision, which decides: stop, or go on at full precision, so the stop
+    and the reported accuracy are always full precision's.
     """
     for param in params:
         param.requires_grad_(True)
@@ -242,6 +248,9 @@ def optimise(
     targets, rows = batch.targets[order], batch.rows[order]  # (N,) in the order the parts give their logits
     follows = batch.follows[order] if batch.follows is not None and bool(batch.follows.any()) else None
     reference: torch.Tensor | None = None  # log-probs after the answer at step 0
+    settled: list[torch.Tensor] | None = None  # with a confidence bar: the parameters when every answer
+    #                                            token was last the argmax, kept in case the bar is never met
+    restored = False
     try:
         with _eval_mode(model), replay_below(layers, layer_idx, layer_input) as replay, (context or nullcontext()):
             precision = settings.autocast
@@ -258,13 +267,25 @@ def optimise(
                         torch.log_softmax(logits[follows], dim=-1), reference, log_target=True, reduction="batchmean")
                 if extra_loss is not None:
                     loss = loss + extra_loss()
-                correct = logits.argmax(dim=-1) == targets
+                correct = logits.argmax(dim=-1) == targets  # (N,)
                 loss_value = float(loss.detach())
-                answered = bool(correct.all()) if follows is None else bool(correct[~follows].all())
+                learnt = correct if settings.confidence <= 0 else correct & (  # (N,)
+                    torch.log_softmax(logits.detach(), dim=-1).gather(1, targets[:, None])[:, 0]
+                    >= math.log(settings.confidence))
+                answered = bool(learnt.all()) if follows is None else bool(learnt[~follows].all())
+                argmax_all = bool(correct.all()) if follows is None else bool(correct[~follows].all())
+                if settings.confidence > 0 and argmax_all and not restored:
+                    settled = [param.detach().clone() for param in params]
                 done = settings.early_stop and answered and steps >= settings.min_steps
                 if done or steps >= settings.max_steps:
                     if precision is None:
-                        break
+                        if argmax_all or settled is None or restored:
+                            break
+                        with torch.no_grad():  # the bar was never met and the argmax was lost: go back
+                            for param, kept in zip(params, settled):
+                                param.copy_(kept)
+                        restored = True  # score them once more at full precision, then stop
+                        continue
                     precision = None  # the same parameters once more at full precision: it decides
                     continue
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # an unchosen expert gets None
