@@ -28,10 +28,10 @@ from .metrics import greedy_from_ids
 from .models import base_model_identity, decoder_layers, find_layout, fingerprints_match, weight_fingerprint
 from .persistence import (WEIGHTS_NAME, AdapterError, AdapterState, check_expert_count, has_adapter,
                           lemoe_files_without_weights, load_adapter, repair_views, save_adapter)
+from .provenance import cpu_model, native_bfloat16_cpu
 from .router import AnchorFit, KVAnchorRouter, Route, pool_states
 from .sequence_routing import SequenceRouting
 from .subject_router import content_queries
-from .provenance import cpu_model, native_bfloat16_cpu
 from .training import capture_ffn_inputs, capture_layer_inputs, capture_route_inputs, train_expert
 
 logger = logging.getLogger("lemoe")

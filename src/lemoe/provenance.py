@@ -47,25 +47,26 @@ def git_commit() -> str:
 
 
 @functools.cache
+def _cpuinfo() -> list[str]:
+    """/proc/cpuinfo's lines (Linux), read once; [] elsewhere."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags as Linux reports them (/proc/cpuinfo), or None elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
+    for line in _cpuinfo():
         if line.startswith(("flags", "Features")):  # x86, ARM
             return frozenset(line.partition(":")[2].split())
     return None
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
     return platform.processor() or "unknown"
 
 

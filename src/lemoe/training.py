@@ -247,6 +247,8 @@ def optimise(
     parts, order = _parts(batch, layer_input, settings.split_by_length)
     targets, rows = batch.targets[order], batch.rows[order]  # (N,) in the order the parts give their logits
     follows = batch.follows[order] if batch.follows is not None and bool(batch.follows.any()) else None
+    # (N,) True on the answers' own tokens, which decide the stop and the accuracy (not on what follows them)
+    answer = ~follows if follows is not None else torch.ones_like(targets, dtype=torch.bool)
     reference: torch.Tensor | None = None  # log-probs after the answer at step 0
     settled: list[torch.Tensor] | None = None  # with a confidence bar: the parameters when every answer
     #                                            token was last the argmax, kept in case the bar is never met
@@ -257,7 +259,7 @@ def optimise(
             while True:
                 with lowered_precision(layer_input.device, precision):
                     logits = _answer_logits(model, parts, replay)  # (N, V)
-                targets = targets.to(logits.device)
+                targets, answer = targets.to(logits.device), answer.to(logits.device)
                 if follows is None:
                     loss = F.cross_entropy(logits, targets)
                 else:  # the answer's NLL, and on what follows it, KL to the model before this optimisation
@@ -272,8 +274,7 @@ def optimise(
                 learnt = correct if settings.confidence <= 0 else correct & (  # (N,)
                     torch.log_softmax(logits.detach(), dim=-1).gather(1, targets[:, None])[:, 0]
                     >= math.log(settings.confidence))
-                answered = bool(learnt.all()) if follows is None else bool(learnt[~follows].all())
-                argmax_all = bool(correct.all()) if follows is None else bool(correct[~follows].all())
+                answered, argmax_all = bool(learnt[answer].all()), bool(correct[answer].all())
                 if settings.confidence > 0 and argmax_all and not restored:
                     settled = [param.detach().clone() for param in params]
                 done = settings.early_stop and answered and steps >= settings.min_steps
@@ -300,7 +301,7 @@ def optimise(
         for param in params:
             param.requires_grad_(False)
             param.grad = None
-    answer = ~follows.to(correct.device) if follows is not None else torch.ones_like(correct)
+    answer = answer.to(correct.device)
     accuracy = per_row_accuracy(correct[answer], rows[answer.to(rows.device)], batch.size).tolist()
     return TrainResult(steps=steps, final_loss=loss_value, token_accuracy=accuracy)
 
