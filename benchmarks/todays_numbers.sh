@@ -28,5 +28,5 @@ run zsre_mend_T1000 --data "$data/zsre/zsre_mend_dev.json" --T 1000
 run knowedit_zsre_T1000 --data "$data/zsre/knowedit_zsre_test.json" --T 1000
 run baselines_counterfact_rome_T100 --data "$data/counterfact/counterfact_rome_format_dev.json" --T 100 \
   --method lemoe,ft-l,memoe,grace,wise --method-config benchmarks/baseline_configs.json
-run knowedit_wiki_counterfact_T1000 --data "$data/knowedit/knowedit_wiki_counterfact_train.json" --T 1000
+run wikidata_cf_T1000 --data "$data/knowedit/knowedit_wiki_counterfact_train.json" --T 1000
 run counterfact_easyedit_T1000 --data "$data/counterfact/counterfact_easyedit_train.json" --T 1000
